@@ -68,3 +68,22 @@ def test_stage_needs_no_model_code_but_the_recipe(store, tmp_path):
                          capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert torch.allclose(torch.tensor([float(v) for v in out]), expect[0], atol=ATOL)
     assert man.blocks[-1].out_shape == [5]
+
+
+@pytest.mark.timeout(60)
+@torch.no_grad()
+def test_partitioner_matches_hand_written_reference(store):
+    """The general partitioner's stages equal partitioner/reference.py's hand split, stage by stage."""
+    from edgesplit.partitioner import reference
+
+    torch.manual_seed(1)
+    kw = {"img_size": 32, "patch_size": 4, "depth": 6, "num_classes": 10}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    man = partition(vit, "ref-vit", timm_recipe("vit_tiny_patch16_224", **kw), store, profile=False)
+    x = torch.randn(3, 3, 32, 32)
+    splits = [2, 5]
+    expected = reference.run_stages(vit, x, splits)
+    y = x
+    for span, want in zip(cut("ref-vit", man.n_blocks, splits), expected):
+        y = build_blocks(store, man, span.start, span.end)(y)
+        assert (y - want).abs().max().item() <= ATOL
