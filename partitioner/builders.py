@@ -7,6 +7,7 @@ Models that timm cannot build register a builder by name (``@register_builder``)
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,13 @@ from .errors import ManifestError
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
+# Builders that live in modules nobody may have imported yet (a worker only reads recipes).
+_BUILDER_MODULES = {
+    "pruned_vit": "edgesplit.partitioner.prune_vit",
+    "pruned_resnet": "edgesplit.partitioner.prune_resnet",
+    "classwise_fusion": "edgesplit.partitioner.classwise",
+    "dummy": "edgesplit.runtime.dummy",
+}
 
 
 def register_builder(name: str) -> Callable[[Builder], Builder]:
@@ -30,7 +38,7 @@ def register_builder(name: str) -> Callable[[Builder], Builder]:
 
 def list_builders() -> list[str]:
     """Names usable as a recipe's ``builder``."""
-    return sorted(_BUILDERS)
+    return sorted(set(_BUILDERS) | set(_BUILDER_MODULES))
 
 
 @register_builder("timm")
@@ -57,6 +65,8 @@ def build_skeleton(recipe: dict[str, Any], device: str | torch.device = "meta") 
         The model, its parameters uninitialised on ``meta``.
     """
     name = recipe.get("builder")
+    if name not in _BUILDERS and name in _BUILDER_MODULES:
+        importlib.import_module(_BUILDER_MODULES[name])
     if name not in _BUILDERS:
         raise ManifestError(
             f"recipe names builder {name!r}, which is not registered; known: {list_builders()}. "

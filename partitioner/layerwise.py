@@ -80,15 +80,13 @@ def even_splits(n_blocks: int, n_stages: int) -> list[int]:
 
 
 def _input_shape(model: nn.Module) -> list[int]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img is not None:
-        chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", 3)
-        return [int(chans), int(img[0]), int(img[1])]
-    if size:
-        return [int(s) for s in size]
-    raise ManifestError(f"cannot tell the input shape of {type(model).__name__}; pass input_shape=[C, H, W]")
+    """Per-sample input shape from the model itself (image size of a ViT, channels of the first conv)."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size", [3, 224, 224])[1:]
+    if first_conv is None or img is None:
+        raise ManifestError(f"cannot tell the input shape of {type(model).__name__}; pass input_shape=[C, H, W]")
+    return [int(first_conv.in_channels), int(img[0]), int(img[1])]
 
 
 @torch.no_grad()
