@@ -17,12 +17,12 @@ from .errors import ManifestError
 
 Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
-# Builders that live in modules nobody may have imported yet (a worker only reads recipes).
+# Builders that live in partitioner modules nobody may have imported yet (a worker only reads
+# recipes). Other packages register theirs on import; partitioner never imports runtime.
 _BUILDER_MODULES = {
     "pruned_vit": "edgesplit.partitioner.prune_vit",
     "pruned_resnet": "edgesplit.partitioner.prune_resnet",
     "classwise_fusion": "edgesplit.partitioner.classwise",
-    "dummy": "edgesplit.runtime.dummy",
 }
 
 
