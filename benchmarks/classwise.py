@@ -10,13 +10,19 @@ per-sample forward times (one thread, warm-up then median) against the full mode
     .venv/bin/python benchmarks/classwise.py --arch vit --groups 5
 
 Writes ``benchmarks/out/classwise.json`` and ``benchmarks/out/classwise.png``.
-Latency here is single-process (each sub-model timed alone, as it would run on its own
-device); the loopback-cluster end-to-end column comes with the runtime.
+The single-process columns time each sub-model alone, as it would run on its own device.
+Then (skip with ``--no-cluster``) one loopback cluster of max(N) + 1 worker processes (one
+torch thread each) serves every package through ``ClasswiseRunner`` (sub-models on w0..wN-1,
+fusion on wN) and the full model as a 1-stage deployment on the last worker; single-sample
+requests go one at a time, package and full model in turns, and the table gets per-device
+compute (worker traces) and end-to-end p50/p95 at the client. On a 2-core machine the N + 1
+worker processes share two cores, so the "parallel" sub-models partly run one after another.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +40,8 @@ from edgesplit.partitioner.classwise import (ClasswiseConfig, TrainConfig, class
                                              split_classwise, train_classifier)
 from edgesplit.partitioner.prune_resnet import ResNetPruneConfig
 from edgesplit.partitioner.prune_vit import ViTPruneConfig
+from edgesplit.runtime import LocalCluster, LocalClusterConfig
+from edgesplit.runtime.classwise import ClasswiseRunner
 
 OUT = Path(__file__).resolve().parent / "out"
 IMG = 32
@@ -124,6 +132,17 @@ class Row:
     params_each: list[int]
     ms_b1_each: list[float]
     build_s: float
+    # loopback cluster (None with --no-cluster); single-sample requests, one at a time
+    cl_p50_ms: float | None = None  # end to end at the client: this package (n_groups=1: the full model)
+    cl_p95_ms: float | None = None
+    cl_full_p50_ms: float | None = None  # the full model's end to end, timed in turns with this package
+    cl_full_p95_ms: float | None = None
+    cl_speedup_p50: float | None = None  # cl_full_p50_ms / cl_p50_ms
+    cl_dev_ms_max: float | None = None  # slowest device's compute p50 (worker trace t_end - t_start)
+    cl_dev_ms_each: list[float] | None = None  # compute p50 per sub-model, descriptor order
+    cl_fusion_ms: float | None = None  # the fusion worker's compute p50
+    cl_acc: float | None = None  # accuracy of the cluster's answers on the timed held-out digits
+    cl_max_diff: float | None = None  # max |cluster logits - classwise_predict| (packages only)
 
 
 def run_arch(arch: str, groups_list: list[int], data, store: BlockStore, args) -> list[Row]:
@@ -170,10 +189,112 @@ def run_arch(arch: str, groups_list: list[int], data, store: BlockStore, args) -
     return rows
 
 
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def compute_ms(trace: list[list]) -> float:
+    """Compute time in ms of a 1-stage request: t_end - t_start of its single trace record."""
+    _, _, _, t_start, t_end, _, _ = trace[0]
+    return (t_end - t_start) * 1000
+
+
+def cluster_latency(rows: list[Row], store: BlockStore, x: torch.Tensor, y: torch.Tensor, args) -> None:
+    """Fill the ``cl_*`` fields of ``rows``: every package and full model on one loopback cluster.
+
+    Requests carry one held-out digit each and go one at a time (latency, not throughput);
+    a package request and a full-model request alternate, so load from other processes on a
+    shared machine hits both alike. The full model's N=1 row pools its requests of every turn.
+
+    Args:
+        rows: ``run_arch`` rows; packages are ``{arch}-cw{N}``, full models ``{arch}-full`` in ``store``.
+        store: the block store the packages were built in (the coordinator serves it).
+        x: (n, 1, 32, 32) held-out inputs, one per timed request (cycled); y: their labels.
+    """
+    groups = sorted({r.n_groups for r in rows if r.n_groups > 1})
+    n_workers = (max(groups) if groups else 1) + 1
+    reps, warm = args.cluster_reps, max(5, args.cluster_reps // 10)
+    xs = [x[i % x.shape[0]:i % x.shape[0] + 1] for i in range(reps)]  # each (1, 1, 32, 32)
+    ys = torch.stack([y[i % y.shape[0]] for i in range(reps)])
+    t0 = time.time()
+    cfg = LocalClusterConfig(workers=n_workers, port=0, torch_threads=1)
+    with tempfile.TemporaryDirectory() as work, LocalCluster(cfg, store=store.root, workdir=work) as lc:
+        cl = lc.client(timeout_ms=60_000)
+        print(f"[cluster] {n_workers} workers registered in {time.time() - t0:.1f}s", flush=True)
+        full_worker = lc.names[-1]
+        for arch in dict.fromkeys(r.arch for r in rows):
+            full_name = f"{arch}-full"
+            cl.deploy(full_name, stages=[(full_worker, 0, store.manifest(full_name).n_blocks)])
+            full_lat: list[float] = []
+            full_dev: list[float] = []
+            full_out: list[torch.Tensor] = []
+            for row in (r for r in rows if r.arch == arch and r.n_groups > 1):
+                pkg = f"{arch}-cw{row.n_groups}"
+                with ClasswiseRunner(cl, store, pkg, timeout_ms=60_000) as runner:
+                    placement = runner.deploy()
+                    for i in range(warm):
+                        runner.infer(xs[i])
+                        cl.infer(full_name, xs[i])
+                    lat, flat, dev, fus, outs = [], [], [], [], []
+                    for xi in xs:
+                        t = time.perf_counter()
+                        fut = runner.submit(xi, trace=True)
+                        outs.append(fut.result())
+                        lat.append(1e3 * (time.perf_counter() - t))
+                        dev.append([compute_ms(s.trace) for s in fut.info.submodels])
+                        fus.append(compute_ms(fut.info.fusion.trace))
+                        t = time.perf_counter()
+                        ffut = cl.submit(full_name, xi, trace=True)
+                        full_out.append(ffut.result())
+                        flat.append(1e3 * (time.perf_counter() - t))
+                        full_dev.append(compute_ms(ffut.info.trace))
+                got = torch.cat(outs)  # (reps, 10)
+                ref = classwise_predict(store, pkg, torch.cat(xs))
+                each = [statistics.median(d[k] for d in dev) for k in range(row.n_groups)]
+                row.cl_p50_ms, row.cl_p95_ms = pct(lat, 0.5), pct(lat, 0.95)
+                row.cl_full_p50_ms, row.cl_full_p95_ms = pct(flat, 0.5), pct(flat, 0.95)
+                row.cl_speedup_p50 = row.cl_full_p50_ms / row.cl_p50_ms
+                row.cl_dev_ms_each, row.cl_dev_ms_max = each, max(each)
+                row.cl_fusion_ms = statistics.median(fus)
+                row.cl_acc = accuracy(got, ys)
+                row.cl_max_diff = float((got - ref).abs().max())
+                full_lat += flat
+                print(f"[cluster] {pkg} on {','.join(placement.submodels)} + fusion on {placement.fusion}: "
+                      f"p50 {row.cl_p50_ms:.2f} ms p95 {row.cl_p95_ms:.2f} ms (full {row.cl_full_p50_ms:.2f} / "
+                      f"{row.cl_full_p95_ms:.2f} ms)  devices {', '.join(f'{m:.2f}' for m in each)} ms  fusion "
+                      f"{row.cl_fusion_ms:.2f} ms  acc {row.cl_acc:.1f}%  |diff| {row.cl_max_diff:.2g}", flush=True)
+            full_row = next(r for r in rows if r.arch == arch and r.n_groups == 1)
+            if not full_lat:  # no packages of this arch: time the full model alone
+                for i in range(warm):
+                    cl.infer(full_name, xs[i])
+                for xi in xs:
+                    t = time.perf_counter()
+                    ffut = cl.submit(full_name, xi, trace=True)
+                    full_out.append(ffut.result())
+                    full_lat.append(1e3 * (time.perf_counter() - t))
+                    full_dev.append(compute_ms(ffut.info.trace))
+            full_row.cl_p50_ms, full_row.cl_p95_ms = pct(full_lat, 0.5), pct(full_lat, 0.95)
+            full_row.cl_full_p50_ms, full_row.cl_full_p95_ms = full_row.cl_p50_ms, full_row.cl_p95_ms
+            full_row.cl_speedup_p50 = 1.0
+            full_row.cl_dev_ms_max = statistics.median(full_dev)
+            full_row.cl_dev_ms_each = [full_row.cl_dev_ms_max]
+            full_row.cl_acc = accuracy(torch.cat(full_out), ys.repeat(len(full_out) // reps))
+            print(f"[cluster] {full_name} on {full_worker} ({len(full_lat)} requests): p50 {full_row.cl_p50_ms:.2f} ms "
+                  f"p95 {full_row.cl_p95_ms:.2f} ms  device {full_row.cl_dev_ms_max:.2f} ms", flush=True)
+    print(f"[cluster] stage took {time.time() - t0:.0f}s", flush=True)
+
+
+def _f(v: float | None, width: int, prec: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:{width}.{prec}f}"
+
+
 def table(rows: list[Row]) -> str:
     head = (f"{'arch':6} {'N':>2} {'acc %':>6} {'dAcc':>6} {'params(max)':>11} {'KiB(max)':>9} {'KiB(sum)':>9} "
             f"{'size x':>6} {'b1 ms':>7} {'full b1':>7} {'b1 x':>5} {'(min)':>5} {'b64 ms':>7} {'b64 x':>6} "
-            f"{'fusion ms':>9}")
+            f"{'fusion ms':>9} | {'cl p50':>7} {'cl p95':>7} {'full p50':>8} {'full p95':>8} {'cl x':>5} "
+            f"{'dev ms':>7} {'fus ms':>6}")
     lines = [head, "-" * len(head)]
     full = {r.arch: r for r in rows if r.n_groups == 1}
     for r in rows:
@@ -181,7 +302,10 @@ def table(rows: list[Row]) -> str:
         lines.append(f"{r.arch:6} {r.n_groups:>2} {r.acc:6.2f} {d:+6.2f} {r.params_max:>11} "
                      f"{r.bytes_max / 1024:9.1f} {r.bytes_total / 1024:9.1f} {r.reduction:6.2f} "
                      f"{r.ms_b1_max:7.3f} {r.ms_full_b1:7.3f} {r.speedup_b1:5.2f} {r.speedup_b1_min:5.2f} "
-                     f"{r.ms_b64_max:7.4f} {r.speedup_b64:6.2f} {r.ms_fusion_b1:9.3f}")
+                     f"{r.ms_b64_max:7.4f} {r.speedup_b64:6.2f} {r.ms_fusion_b1:9.3f} | "
+                     f"{_f(r.cl_p50_ms, 7, 2)} {_f(r.cl_p95_ms, 7, 2)} {_f(r.cl_full_p50_ms, 8, 2)} "
+                     f"{_f(r.cl_full_p95_ms, 8, 2)} {_f(r.cl_speedup_p50, 5, 2)} {_f(r.cl_dev_ms_max, 7, 2)} "
+                     f"{_f(r.cl_fusion_ms, 6, 2)}")
     return "\n".join(lines)
 
 
@@ -190,7 +314,8 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cluster = any(r.cl_p50_ms is not None for r in rows)
+    fig, axes = plt.subplots(1, 4 if cluster else 3, figsize=(17.5 if cluster else 13, 3.8))
     for arch, marker, color in (("vit", "o", "tab:blue"), ("resnet", "s", "tab:orange")):
         rs = sorted((r for r in rows if r.arch == arch), key=lambda r: r.n_groups)
         if not rs:
@@ -200,9 +325,21 @@ def plot(rows: list[Row], path: Path) -> None:
         axes[1].plot(n, [r.reduction for r in rs], marker=marker, color=color, label=arch)
         axes[2].plot(n, [r.speedup_b1 for r in rs], marker=marker, color=color, label=f"{arch} batch 1")
         axes[2].plot(n, [r.speedup_b64 for r in rs], marker=marker, color=color, ls="--", label=f"{arch} batch 64")
+        cw = [r for r in rs if r.n_groups > 1 and r.cl_p50_ms is not None]
+        if cluster and cw:
+            nc = [r.n_groups for r in cw]
+            axes[3].errorbar(nc, [r.cl_p50_ms for r in cw], yerr=[[0] * len(cw), [r.cl_p95_ms - r.cl_p50_ms for r in cw]],
+                             marker=marker, color=color, capsize=3, label=f"{arch} package p50 (bar: p95)")
+            axes[3].plot(nc, [r.cl_dev_ms_max for r in cw], marker=marker, color=color, ls=":", mfc="none",
+                         label=f"{arch} slowest device compute")
+            full = next(r for r in rs if r.n_groups == 1)
+            axes[3].axhline(full.cl_p50_ms, color=color, ls="--", label=f"{arch} full model p50 (1 worker)")
     axes[0].set(title="held-out accuracy (N=1: full model)", xlabel="groups N", ylabel="%")
     axes[1].set(title="full / largest sub-model (bytes)", xlabel="groups N", ylabel="x")
     axes[2].set(title="full / slowest sub-model (time per sample)", xlabel="groups N", ylabel="x")
+    if cluster:
+        axes[3].set(title="loopback cluster, end to end (1 sample)", xlabel="groups N", ylabel="ms")
+        axes[3].set_ylim(bottom=0)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -218,9 +355,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for training (timing always uses 1)")
     p.add_argument("--reps", type=int, default=200, help="timed batch-1 forwards per model")
     p.add_argument("--store", type=str, default=None, help="block store directory (default: a temporary one)")
+    p.add_argument("--no-cluster", action="store_true", help="skip the loopback-cluster latency stage")
+    p.add_argument("--cluster-reps", type=int, default=None,
+                   help="timed single-sample requests per package on the cluster (default 100, --quick 30)")
     args = p.parse_args()
+    if args.cluster_reps is None:
+        args.cluster_reps = 30 if args.quick else 100
+    if args.cluster_reps < 1:
+        p.error(f"--cluster-reps must be at least 1, got {args.cluster_reps}")
     torch.set_num_threads(args.threads)
-    print(f"config: quick={args.quick} groups={args.groups} threads={args.threads} reps={args.reps}")
+    print(f"config: quick={args.quick} groups={args.groups} threads={args.threads} reps={args.reps} "
+          f"cluster={not args.no_cluster} cluster_reps={args.cluster_reps}")
     print(f"  vit {VIT}\n  resnet {RESNET}")
     for a in ("vit", "resnet"):
         print(f"  {a} full train {FULL_TRAIN[a]}\n  {a} class-wise {CLASSWISE[a]}")
@@ -229,6 +374,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = BlockStore(args.store or tmp)
         rows = [r for a in archs for r in run_arch(a, args.groups, data, store, args)]
+        if not args.no_cluster:
+            cluster_latency(rows, store, data[2], data[3], args)
     print()
     print(table(rows))
     OUT.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,64 @@
+"""Errors of the runtime: one class per failure a caller can act on differently.
+
+Every request ends in a result or one of these, never silence. Each class names the
+wire error it travels as (``code_name``, a member of ``protocol.Err``), so a worker's
+error reaches the client as the same type. Messages name the object, expected vs
+actual, and the next step.
+"""
+from __future__ import annotations
+
+from edgesplit.partitioner.errors import EdgesplitError
+
+
+class RuntimeFailure(EdgesplitError):
+    """Base of the runtime's errors; ``code_name`` is the ``protocol.Err`` it travels as."""
+
+    code_name = "INTERNAL"
+
+
+class ProtocolError(RuntimeFailure):
+    """A message broke the wire format (bad version, header, dtype, frame length, size)."""
+
+    code_name = "BAD_MESSAGE"
+
+
+class UnknownModel(RuntimeFailure):
+    """The model is not in the coordinator's store, or not deployed on any live worker."""
+
+    code_name = "UNKNOWN_MODEL"
+
+
+class BadInput(RuntimeFailure):
+    """The input does not fit the model (shape, dtype), or the stage failed on it."""
+
+    code_name = "BAD_INPUT"
+
+
+class WorkerLost(RuntimeFailure):
+    """A worker on the request's route died or stopped heartbeating."""
+
+    code_name = "WORKER_LOST"
+
+
+class RequestTimeout(RuntimeFailure, TimeoutError):
+    """The request's deadline passed before a result arrived."""
+
+    code_name = "TIMEOUT"
+
+
+class Overloaded(RuntimeFailure):
+    """A queue or table was full and the request was refused rather than queued without bound."""
+
+    code_name = "OVERLOADED"
+
+
+class DeployError(RuntimeFailure):
+    """A plan could not be deployed (bad plan, missing blocks, memory budget, worker error)."""
+
+    code_name = "DEPLOY_FAILED"
+
+
+class ConfigError(RuntimeFailure, ValueError):
+    """A configuration value or file is invalid (unknown key, bad size, bad endpoint)."""
+
+    code_name = "INTERNAL"

@@ -1,0 +1,549 @@
+"""The wire format: every constant, the version frame, one encoder and one validating decoder.
+
+A message is a ZeroMQ multipart message (after any ROUTER routing-id frames)::
+
+    F0  VERSION (b"ESP1")          protocol id + version; anything else is refused
+    F1  msgpack header (<= 16 KiB) {"t": type, "rid": 16-byte id, "bud": budget ms, ...}
+    F2… one raw frame per tensor   C-contiguous little-endian bytes, len == prod(shape) * itemsize
+
+Nothing outside this module writes a message-type or error-code literal. The decoder
+is the only door for bytes from the network: it either returns a fully validated
+:class:`Message` or raises :class:`ProtocolError` (msgpack limits, a dtype allow-list,
+ndim and size caps, shape x itemsize == declared bytes == frame length). Tensor frames
+are turned into tensors *without copying*: a received tensor borrows the frame's memory,
+so treat it as read-only and keep it (not the frame) alive as long as you use it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Iterable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+import torch
+
+from .errors import (BadInput, DeployError, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
+                     UnknownModel, WorkerLost)
+
+if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
+    raise ImportError("edgesplit's wire format needs a little-endian host")
+
+# --- framing ---------------------------------------------------------------------------------
+VERSION = b"ESP1"  # like zguide's MDPW01: bump on any incompatible header change
+RID_BYTES = 16  # request ids are uuid4-sized random bytes
+HEADER_MAX_BYTES = 16 * 1024  # one header frame; bounds msgpack amplification
+MAX_PAYLOAD_FRAMES = 16  # tensors (or byte blobs) per message
+MAX_NDIM = 8
+MAX_HOPS = 64  # stages on one route
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # default payload cap per frame and per message (ZMQ_MAXMSGSIZE per frame)
+ZERO_COPY_MIN_BYTES = 64 * 1024  # pyzmq copies smaller frames anyway (zmq.COPY_THRESHOLD)
+UNPACK_LIMITS = dict(max_str_len=4096, max_bin_len=64, max_array_len=4096, max_map_len=64, max_ext_len=0)
+
+# --- timing ----------------------------------------------------------------------------------
+HEARTBEAT_INTERVAL_MS = 1000  # wired LAN; Wi-Fi: 2000
+HEARTBEAT_LIVENESS = 3  # silent intervals before a peer is dead; 3..5 is reasonable (zguide)
+RECONNECT_INIT_MS = 100  # reconnect backoff starts here, doubles, with jitter ...
+RECONNECT_MAX_MS = 2000  # ... up to here
+ZMTP_HEARTBEAT_IVL_MS = 1000  # libzmq-level PING: kills dead TCP links, not hung Python threads
+ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
+ZMTP_HEARTBEAT_TTL_MS = 3000
+HANDSHAKE_IVL_MS = 5000
+DEFAULT_BUDGET_MS = 30_000  # a request's deadline when the caller gives none
+MAX_BUDGET_MS = 24 * 3600 * 1000
+
+# --- queues and transfers --------------------------------------------------------------------
+DATA_HWM_MSGS = 8  # activations per socket queue: a slow peer causes back-pressure, not RSS growth
+CONTROL_HWM_MSGS = 256  # control messages are small
+CHUNK_BYTES = 1024 * 1024  # block transfer chunk: never one message that starves heartbeats
+FETCH_CREDIT = 4  # chunks a worker may have requested and not yet received
+
+
+class Msg(IntEnum):
+    """Message types (header key ``t``)."""
+
+    READY = 1  # worker -> coordinator: register (name, endpoint, device, budget, hosted stages)
+    HEARTBEAT = 2  # both ways; a worker's carries telemetry and per-stage statistics
+    DISCONNECT = 3  # coordinator -> worker: I do not know you, send READY again
+    DEPLOY = 4  # coordinator -> worker: host these stages of a model (payload: manifest JSON)
+    DEPLOYED = 5  # worker -> coordinator: the stages are loaded (or ERROR)
+    FETCH = 6  # worker -> coordinator: bytes [off, off + len) of a block file
+    CHUNK = 7  # coordinator -> worker: those bytes
+    RUN = 8  # data: run stage ``hop`` of model ``mdl`` on the payload tensors
+    ACK = 9  # data, link reply: custody of (rid, hop) taken, the sender may drop its kept input
+    RESULT = 10  # last worker -> requester: the model's output
+    ERROR = 11  # the request failed; ``err`` = [code, reason]
+    HELLO = 12  # client -> coordinator: register/ping; the reply says who the coordinator is
+    ROUTE = 13  # client -> coordinator: the route of ``mdl``; the reply carries it in ``body``
+    WORKERS = 14  # client -> coordinator: the worker registry
+    PLAN = 15  # client -> coordinator: deploy a plan; the reply carries the new route
+    MODELS = 16  # client -> coordinator: models in its store
+    NOTICE = 17  # coordinator -> clients and workers: a worker was lost
+
+
+class Err(IntEnum):
+    """Error codes (first element of header key ``err``)."""
+
+    INTERNAL = 1
+    BAD_MESSAGE = 2  # wire format violated
+    UNKNOWN_MODEL = 3  # not in the store
+    NOT_DEPLOYED = 4  # in the store, but this worker/route does not host it
+    BAD_INPUT = 5  # tensor does not fit the stage, or the stage raised
+    WORKER_LOST = 6  # a worker on the route died
+    TIMEOUT = 7  # budget exhausted
+    OVERLOADED = 8  # bounded queue full
+    DEPLOY_FAILED = 9
+    MISSING_BLOCK = 10  # a block is in no store reachable
+    TOO_LARGE = 11  # message above the size cap
+    SHUTTING_DOWN = 12
+
+
+MSG_NAMES = {m.value: m.name for m in Msg}
+ERR_NAMES = {e.value: e.name for e in Err}
+
+
+def msg_name(code: int) -> str:
+    return MSG_NAMES.get(code, f"UNKNOWN_TYPE_{code}")
+
+
+def err_name(code: int) -> str:
+    return ERR_NAMES.get(code, f"UNKNOWN_ERROR_{code}")
+
+
+_ERROR_CLASSES: dict[Err, type[RuntimeFailure]] = {
+    Err.BAD_MESSAGE: ProtocolError, Err.TOO_LARGE: ProtocolError,
+    Err.UNKNOWN_MODEL: UnknownModel, Err.NOT_DEPLOYED: UnknownModel,
+    Err.BAD_INPUT: BadInput, Err.WORKER_LOST: WorkerLost, Err.TIMEOUT: RequestTimeout,
+    Err.OVERLOADED: Overloaded, Err.DEPLOY_FAILED: DeployError, Err.MISSING_BLOCK: DeployError,
+}
+
+
+def error_from_wire(code: int, reason: str) -> RuntimeFailure:
+    """The exception a caller raises for an ERROR message's ``[code, reason]``."""
+    err = Err(code) if code in ERR_NAMES else Err.INTERNAL
+    return _ERROR_CLASSES.get(err, RuntimeFailure)(f"{reason} [{err_name(code)}]")
+
+
+def error_code(exc: RuntimeFailure) -> Err:
+    """The wire code an exception travels as."""
+    return Err[exc.code_name]
+
+
+# --- dtypes ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WireDtype:
+    code: int
+    name: str
+    torch: torch.dtype
+    numpy: np.dtype  # what numpy reads the bytes as (bf16 as int16, then re-viewed)
+    itemsize: int
+
+
+_DTYPES = [
+    WireDtype(1, "float32", torch.float32, np.dtype("<f4"), 4),
+    WireDtype(2, "float16", torch.float16, np.dtype("<f2"), 2),
+    WireDtype(3, "bfloat16", torch.bfloat16, np.dtype("<i2"), 2),
+    WireDtype(4, "int8", torch.int8, np.dtype("i1"), 1),
+    WireDtype(5, "uint8", torch.uint8, np.dtype("u1"), 1),
+    WireDtype(6, "int16", torch.int16, np.dtype("<i2"), 2),
+    WireDtype(7, "int32", torch.int32, np.dtype("<i4"), 4),
+    WireDtype(8, "int64", torch.int64, np.dtype("<i8"), 8),
+    WireDtype(9, "float64", torch.float64, np.dtype("<f8"), 8),
+    WireDtype(10, "bool", torch.bool, np.dtype("?"), 1),
+]
+DTYPE_BY_CODE = {d.code: d for d in _DTYPES}
+DTYPE_BY_TORCH = {d.torch: d for d in _DTYPES}
+UINT8 = DTYPE_BY_CODE[5]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One payload frame as the header declares it."""
+
+    dtype: WireDtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def to_msg(self) -> list[Any]:
+        return [self.dtype.code, list(self.shape), self.nbytes]
+
+
+# --- header schema ---------------------------------------------------------------------------
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_ENDPOINT = re.compile(r"(tcp://[A-Za-z0-9.\-\[\]:*]{1,200}:[0-9]{1,5}|ipc://[^\x00]{1,200}|inproc://[^\x00]{1,200})")
+_SHORT = 64
+_REASON = 1024
+
+HEADER_KEYS = {
+    "t": "message type (Msg)",
+    "rid": "request id, 16 random bytes",
+    "bud": "remaining deadline budget in ms (relative, so board clocks need not agree)",
+    "hop": "stage index on the route",
+    "att": "attempt number of this hop (0-based; replays on a replica count up)",
+    "mdl": "model name",
+    "pln": "plan id the request's route belongs to (a worker hosting another plan refuses it)",
+    "ten": "payload frames: [[dtype_code, shape, nbytes], ...]",
+    "rep": "requester's result endpoint (the last stage sends RESULT/ERROR there)",
+    "cod": "link codec name (absent = raw tensors)",
+    "cmeta": "link codec metadata (map, the codec's own)",
+    "err": "[error code, reason]",
+    "body": "control payload (map)",
+    "trc": "per-hop trace records when tracing is on",
+}
+REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
+    Msg.RUN: frozenset({"mdl", "hop", "rep", "ten"}),
+    Msg.ACK: frozenset({"hop"}),
+    Msg.RESULT: frozenset({"mdl", "ten"}),
+    Msg.ERROR: frozenset({"err"}),
+    Msg.DEPLOY: frozenset({"body", "ten"}),
+    Msg.FETCH: frozenset({"body"}),
+    Msg.CHUNK: frozenset({"body", "ten"}),
+    Msg.ROUTE: frozenset({"mdl"}),
+    Msg.READY: frozenset({"body"}),
+}
+TRACE_FIELDS = ("hop", "worker", "t_recv", "t_start", "t_end", "t_send", "bytes_out")
+
+
+def new_rid() -> bytes:
+    """A fresh random request id."""
+    return os.urandom(RID_BYTES)
+
+
+def _bad(what: str) -> ProtocolError:
+    return ProtocolError(f"bad message: {what}")
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(f"{name} must be an int in [{lo}, {hi}], got {v!r:.80}")
+    return v
+
+
+def _str(v: Any, name: str, limit: int, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(v, str) or len(v) > limit or (pattern is not None and not pattern.fullmatch(v)):
+        raise _bad(f"{name} must be a string of at most {limit} characters"
+                   + (f" matching {pattern.pattern}" if pattern else "") + f", got {v!r:.80}")
+    return v
+
+
+def _spec(v: Any, max_frame_bytes: int) -> TensorSpec:
+    if not (isinstance(v, list) and len(v) == 3):
+        raise _bad(f"a payload spec is [dtype_code, shape, nbytes], got {v!r:.80}")
+    code, shape, nbytes = v
+    if not isinstance(code, int) or code not in DTYPE_BY_CODE:
+        raise _bad(f"dtype code {code!r:.20} is not one of {sorted(DTYPE_BY_CODE)}")
+    dt = DTYPE_BY_CODE[code]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _bad(f"shape must be a list of at most {MAX_NDIM} dims, got {shape!r:.80}")
+    n = dt.itemsize
+    for d in shape:
+        _int(d, "a dimension", 0, max_frame_bytes)
+        n *= d
+        if n > max_frame_bytes:
+            raise ProtocolError(f"declared tensor of shape {shape} x {dt.itemsize} B exceeds the "
+                                f"{max_frame_bytes} B frame cap")
+    _int(nbytes, "nbytes", 0, max_frame_bytes)
+    if n != nbytes:
+        raise _bad(f"shape {shape} x {dt.itemsize} B = {n} B, but nbytes says {nbytes}")
+    return TensorSpec(dt, tuple(shape), nbytes)
+
+
+def _trace(v: Any) -> list[list[Any]]:
+    if not isinstance(v, list) or len(v) > MAX_HOPS + 1:
+        raise _bad("trc must be a list of at most one record per hop")
+    for rec in v:
+        if not (isinstance(rec, list) and len(rec) == len(TRACE_FIELDS)):
+            raise _bad(f"a trace record is {list(TRACE_FIELDS)}")
+        if not all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in rec):
+            raise _bad("trace record values are numbers or a worker name")
+    return v
+
+
+def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, list[TensorSpec]]:
+    if not isinstance(h, dict):
+        raise _bad(f"header must be a map, got {type(h).__name__}")
+    unknown = set(h) - set(HEADER_KEYS)
+    if unknown:
+        raise _bad(f"unknown header keys {sorted(map(str, unknown))[:8]}; protocol {VERSION!r} knows {sorted(HEADER_KEYS)}")
+    for key in ("t", "rid", "bud"):
+        if key not in h:
+            raise _bad(f"header lacks {key!r} ({HEADER_KEYS[key]})")
+    t = _int(h["t"], "t", 0, 255)
+    if t not in MSG_NAMES:
+        raise _bad(f"unknown message type {t}")
+    mtype = Msg(t)
+    if not isinstance(h["rid"], bytes) or len(h["rid"]) != RID_BYTES:
+        raise _bad(f"rid must be {RID_BYTES} bytes")
+    _int(h["bud"], "bud", 0, MAX_BUDGET_MS)
+    missing = REQUIRED_KEYS.get(mtype, frozenset()) - set(h)
+    if missing:
+        raise _bad(f"{mtype.name} needs header keys {sorted(missing)}")
+    if "hop" in h:
+        _int(h["hop"], "hop", 0, MAX_HOPS)
+    if "att" in h:
+        _int(h["att"], "att", 0, 255)
+    if "pln" in h:
+        _int(h["pln"], "pln", 0, 2**62)
+    if "mdl" in h:
+        _str(h["mdl"], "mdl", 128, _MODEL_NAME)
+    if "rep" in h:
+        _str(h["rep"], "rep", 256, _ENDPOINT)
+    if "cod" in h:
+        _str(h["cod"], "cod", _SHORT)
+    for key in ("cmeta", "body"):
+        if key in h and not isinstance(h[key], dict):
+            raise _bad(f"{key} must be a map")
+    if "err" in h:
+        e = h["err"]
+        if not (isinstance(e, list) and len(e) == 2):
+            raise _bad("err must be [code, reason]")
+        _int(e[0], "error code", 0, 65535)
+        _str(e[1], "error reason", _REASON)
+    if "trc" in h:
+        _trace(h["trc"])
+    specs_raw = h.get("ten", [])
+    if not isinstance(specs_raw, list) or len(specs_raw) > MAX_PAYLOAD_FRAMES:
+        raise _bad(f"ten must list at most {MAX_PAYLOAD_FRAMES} payload frames")
+    if len(specs_raw) != n_frames:
+        raise _bad(f"header declares {len(specs_raw)} payload frames, message has {n_frames}")
+    specs = [_spec(s, max_frame_bytes) for s in specs_raw]
+    total = sum(s.nbytes for s in specs)
+    if total > max_frame_bytes:
+        raise ProtocolError(f"message declares {total} B of payload, the cap is {max_frame_bytes} B per message")
+    return mtype, specs
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+# --- messages --------------------------------------------------------------------------------
+@dataclass
+class Message:
+    """A decoded, validated message. ``frames`` are the payload frames (zmq.Frame or bytes)."""
+
+    type: Msg
+    header: dict[str, Any]
+    specs: list[TensorSpec] = field(default_factory=list)
+    frames: list[Any] = field(default_factory=list)
+
+    @property
+    def rid(self) -> bytes:
+        return self.header["rid"]
+
+    @property
+    def budget_ms(self) -> int:
+        return self.header["bud"]
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.header.get("body", {})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def tensor(self, i: int = 0) -> torch.Tensor:
+        """Payload ``i`` as a tensor that borrows the frame's memory (no copy)."""
+        return frame_to_tensor(self.frames[i], self.specs[i])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tensor(i) for i in range(len(self.specs))]
+
+    def blob(self, i: int = 0) -> memoryview:
+        """Payload ``i`` as raw bytes (manifests, block chunks)."""
+        return _buffer(self.frames[i])
+
+
+def _buffer(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else memoryview(frame)
+
+
+def frame_to_tensor(frame: Any, spec: TensorSpec) -> torch.Tensor:
+    """A tensor over ``frame``'s bytes; copies only when the buffer is read-only or misaligned."""
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype.torch)
+    buf = _buffer(frame)
+    arr = np.frombuffer(buf, dtype=spec.dtype.numpy)
+    if buf.readonly or arr.ctypes.data % spec.dtype.itemsize:
+        arr = arr.copy()  # bytes objects (tests, tiny frames) are read-only; unaligned SIMD is unsafe on ARM
+    t = torch.from_numpy(arr)
+    if spec.dtype.torch is torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.reshape(spec.shape)
+
+
+def to_wire(x: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> tuple[TensorSpec, Any]:
+    """A payload item as (spec, buffer to send). Tensors are made CPU-contiguous (no copy if already)."""
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        n = memoryview(x).nbytes
+        return TensorSpec(UINT8, (n,), n), x
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"payload items are tensors, arrays or bytes, got {type(x).__name__}")
+    dt = DTYPE_BY_TORCH.get(x.dtype)
+    if dt is None:
+        raise ProtocolError(f"dtype {x.dtype} cannot go on the wire; allowed: {[d.name for d in _DTYPES]}")
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    arr = (t.view(torch.int16) if dt.torch is torch.bfloat16 else t).numpy()
+    return TensorSpec(dt, tuple(t.shape), arr.nbytes), arr
+
+
+def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | None = None,
+           payload: Sequence[Any] = ()) -> list[Any]:
+    """Build a message's frames: ``[VERSION, header, *payload buffers]``.
+
+    Args:
+        mtype: message type.
+        rid: request id (``new_rid()``), 16 bytes.
+        budget_ms: remaining deadline budget; clamped to ``[0, MAX_BUDGET_MS]``.
+        fields: other header keys (see ``HEADER_KEYS``); ``ten`` is filled from ``payload``.
+        payload: tensors, arrays or byte blobs, one frame each.
+    Returns:
+        Frames for ``socket.send_multipart(frames, copy=False)``.
+    """
+    if len(payload) > MAX_PAYLOAD_FRAMES:
+        raise ProtocolError(f"{len(payload)} payload frames, at most {MAX_PAYLOAD_FRAMES}")
+    header: dict[str, Any] = {"t": int(mtype), "rid": rid, "bud": max(0, min(int(budget_ms), MAX_BUDGET_MS))}
+    if fields:
+        header.update(fields)
+    bufs = []
+    if payload:
+        specs = []
+        for item in payload:
+            spec, buf = to_wire(item)
+            specs.append(spec.to_msg())
+            bufs.append(buf)
+        header["ten"] = specs
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > HEADER_MAX_BYTES:
+        raise ProtocolError(f"{mtype.name} header is {len(packed)} B, the limit is {HEADER_MAX_BYTES} B; "
+                            "move bulk data into a payload frame")
+    return [VERSION, packed, *bufs]
+
+
+def encode_error(rid: bytes, code: Err, reason: str, **fields: Any) -> list[Any]:
+    """An ERROR message (reason truncated to fit the header limits)."""
+    return encode(Msg.ERROR, rid, 0, {"err": [int(code), reason[:_REASON]], **fields})
+
+
+def decode(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Validate and decode one message (routing-id frames already stripped).
+
+    Args:
+        frames: ``[VERSION, header, *payload]`` as bytes or ``zmq.Frame``.
+        max_frame_bytes: largest payload frame accepted.
+    Returns:
+        The message; its tensors borrow the payload frames' memory.
+    Raises:
+        ProtocolError: for anything that is not a well-formed message of this protocol version.
+    """
+    if len(frames) < 2:
+        raise _bad(f"expected [version, header, payload...], got {len(frames)} frame(s)")
+    if len(frames) > 2 + MAX_PAYLOAD_FRAMES:
+        raise _bad(f"{len(frames)} frames, at most {2 + MAX_PAYLOAD_FRAMES}")
+    version = _frame_bytes(frames[0], 16)
+    if version != VERSION:
+        raise _bad(f"version frame {version[:16]!r}, expected {VERSION!r}")
+    if frame_len(frames[1]) > HEADER_MAX_BYTES:
+        raise _bad(f"header is {frame_len(frames[1])} B, the limit is {HEADER_MAX_BYTES} B")
+    raw = _frame_bytes(frames[1], HEADER_MAX_BYTES)
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, **UNPACK_LIMITS)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        # msgpack documents that unpack may raise beyond UnpackException; these are what it raises
+        raise _bad(f"header is not valid msgpack within limits ({type(e).__name__}: {e})") from None
+    payload = list(frames[2:])
+    mtype, specs = _validate_header(header, len(payload), max_frame_bytes)
+    for i, (spec, frame) in enumerate(zip(specs, payload)):
+        n = frame_len(frame)
+        if n != spec.nbytes:
+            raise _bad(f"payload frame {i} is {n} B, header declares {spec.nbytes} B")
+    return Message(mtype, header, specs, payload)
+
+
+def frame_len(frame: Any) -> int:
+    """Bytes in a frame (zmq.Frame, bytes, memoryview or numpy array)."""
+    if isinstance(frame, (memoryview, np.ndarray)):
+        return frame.nbytes
+    return len(frame)
+
+
+def _frame_bytes(frame: Any, limit: int) -> bytes:
+    if frame_len(frame) > limit:
+        return b""
+    b = getattr(frame, "bytes", None)
+    if b is not None:
+        return b
+    return frame.tobytes() if isinstance(frame, (np.ndarray, memoryview)) else bytes(frame)
+
+
+# --- blobs: structured control payloads too large for a header (worker lists, model lists) ---
+BLOB_MAX_BYTES = 4 * 1024 * 1024
+BLOB_LIMITS = dict(max_str_len=4096, max_bin_len=64, max_array_len=4096, max_map_len=256, max_ext_len=0)
+
+
+def pack_blob(obj: Any) -> bytes:
+    """msgpack bytes of a control payload, sent as a uint8 payload frame."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    if len(data) > BLOB_MAX_BYTES:
+        raise ProtocolError(f"control payload is {len(data)} B, the limit is {BLOB_MAX_BYTES} B")
+    return data
+
+
+def unpack_blob(buf: Any) -> Any:
+    """Decode a control payload with the same kind of limits as headers."""
+    if len(buf) > BLOB_MAX_BYTES:
+        raise _bad(f"control payload is {len(buf)} B, the limit is {BLOB_MAX_BYTES} B")
+    try:
+        return msgpack.unpackb(bytes(buf), raw=False, strict_map_key=True, ext_hook=_reject_ext, **BLOB_LIMITS)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise _bad(f"control payload is not valid msgpack within limits ({type(e).__name__}: {e})") from None
+
+
+# --- body accessors (control payloads are untrusted too) ------------------------------------
+def body_get(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``body[key]`` checked to be of ``kind``; ProtocolError names what was wrong."""
+    if key not in body:
+        if default is ...:
+            raise _bad(f"body lacks {key!r}")
+        return default
+    v = body[key]
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, float, (int, float))):
+        raise _bad(f"body[{key!r}] must be {kind}, got {type(v).__name__}")
+    return v
+
+
+def check_model_name(name: Any) -> str:
+    return _str(name, "model name", 128, _MODEL_NAME)
+
+
+def check_endpoint(ep: Any) -> str:
+    return _str(ep, "endpoint", 256, _ENDPOINT)
+
+
+def trace_record(hop: int, worker: str, t_recv: float, t_start: float, t_end: float, t_send: float,
+                 bytes_out: int) -> list[Any]:
+    """One hop's timings (wall-clock seconds of the worker's host) for ``trc``."""
+    return [hop, worker, t_recv, t_start, t_end, t_send, bytes_out]
+
+
+def total_bytes(frames: Iterable[Any]) -> int:
+    """Bytes a message occupies on the wire (frame payloads, no ZMTP framing)."""
+    return sum(frame_len(f) for f in frames)
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

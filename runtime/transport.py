@@ -1,0 +1,273 @@
+"""ZeroMQ sockets with the options every edgesplit socket needs, and outbound peer links.
+
+Every socket gets linger 0 (shutdown never hangs), bounded high-water marks (a slow
+peer causes back-pressure, not unbounded memory), ``MAXMSGSIZE`` (libzmq drops a peer
+that sends a larger frame), ZMTP heartbeats (dead TCP links die fast), capped reconnect
+backoff and a fixed identity where one is given. Data links are DEALER -> ROUTER: the
+sender's DEALER carries its identity, the receiver's ROUTER replies (ACK/ERROR) on the
+same connection. :class:`PeerLinks` keeps one DEALER per remote endpoint, sends without
+blocking and parks what the peer cannot take yet in a bounded outbox.
+"""
+from __future__ import annotations
+
+import collections
+import socket as pysocket
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import zmq
+
+from . import protocol as P
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Options applied to a socket; defaults come from ``protocol``."""
+
+    hwm_msgs: int = P.DATA_HWM_MSGS
+    max_frame_bytes: int = P.MAX_FRAME_BYTES
+    zmtp_heartbeat: bool = True
+
+
+def new_context(io_threads: int = 1) -> zmq.Context:
+    """A private context (one per component, so closing it never touches another's sockets)."""
+    return zmq.Context(io_threads=io_threads)
+
+
+def _apply(sock: zmq.Socket, opts: SocketOptions, identity: bytes | None) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, opts.hwm_msgs)
+    sock.setsockopt(zmq.RCVHWM, opts.hwm_msgs)
+    sock.setsockopt(zmq.MAXMSGSIZE, opts.max_frame_bytes + P.HEADER_MAX_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_INIT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_MAX_MS)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, P.HANDSHAKE_IVL_MS)
+    if opts.zmtp_heartbeat:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, P.ZMTP_HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, P.ZMTP_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, P.ZMTP_HEARTBEAT_TTL_MS)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+
+
+def router(ctx: zmq.Context, bind: str, opts: SocketOptions = SocketOptions(),
+           identity: bytes | None = None) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER (``ROUTER_MANDATORY``: unroutable sends raise instead of vanishing).
+
+    Args:
+        bind: e.g. ``tcp://*:5555`` or ``tcp://127.0.0.1:*`` (any free port).
+    Returns:
+        The socket and the endpoint actually bound (port resolved).
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    _apply(sock, opts, identity)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its old id replaces the stale link
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise ConfigError(f"cannot bind {bind}: {e}; pick another port or use tcp://HOST:* for any free port") from None
+    return sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def dealer(ctx: zmq.Context, connect: str, identity: bytes, opts: SocketOptions = SocketOptions()) -> zmq.Socket:
+    """A DEALER connected to ``connect`` with a fixed identity (``IMMEDIATE``: no queueing to a link not up)."""
+    sock = ctx.socket(zmq.DEALER)
+    _apply(sock, opts, identity)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(connect)
+    return sock
+
+
+def advertised(bound: str, host: str | None = None) -> str:
+    """The endpoint peers should connect to for a socket bound at ``bound``.
+
+    ``tcp://0.0.0.0:5601`` (from ``tcp://*:5601``) is not connectable: replace the host by
+    ``host`` (e.g. the address this machine uses towards the coordinator).
+    """
+    if not bound.startswith("tcp://"):
+        return bound
+    addr, _, port = bound[len("tcp://"):].rpartition(":")
+    if addr in ("0.0.0.0", "*", "[::]", "::") or host:
+        addr = host or "127.0.0.1"
+    return f"tcp://{addr}:{port}"
+
+
+def local_address_towards(endpoint: str) -> str:
+    """The local IP this host uses to reach ``endpoint``'s host (no packet is sent)."""
+    if not endpoint.startswith("tcp://"):
+        return "127.0.0.1"
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "*", "0.0.0.0", ""):
+        return "127.0.0.1"
+    s = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM)
+    try:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        s.close()
+
+
+def send(sock: zmq.Socket, frames: Sequence[Any], route: Sequence[bytes] = (), block: bool = False) -> bool:
+    """Send one message without blocking; False when the peer's queue is full (retry later).
+
+    A message routed (ROUTER) to a peer that is not connected is dropped and counts as
+    done: that peer is gone, and whatever it waited for has its own deadline. Large
+    payload frames go zero-copy (pyzmq copies those under ``zmq.COPY_THRESHOLD``).
+    """
+    try:
+        sock.send_multipart([*route, *frames], flags=0 if block else zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: that peer is not connected
+            return True
+        raise
+
+
+def recv(sock: zmq.Socket, n_route: int = 0) -> tuple[list[bytes], list[Any]]:
+    """Receive one message without copying large frames: (routing ids, frames)."""
+    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    return [f.bytes for f in frames[:n_route]], frames[n_route:]
+
+
+class Waker:
+    """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread (a self-pipe)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = pysocket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def wake(self) -> None:
+        with self._lock:
+            try:
+                self._w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up is already pending, or we are closing
+
+    def drain(self) -> None:
+        try:
+            while self._r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+@dataclass
+class _Link:
+    sock: zmq.Socket
+    outbox: collections.deque
+
+
+class PeerLinks:
+    """One DEALER per remote endpoint, each with a bounded outbox of messages not yet accepted.
+
+    Sending never blocks the calling loop: a message the peer cannot take now (its HWM is
+    reached, or the link is not up) waits in the outbox, and the loop polls ``POLLOUT`` on
+    that socket only while its outbox is non-empty (see :meth:`poll_flags`).
+    """
+
+    def __init__(self, ctx: zmq.Context, identity: bytes, opts: SocketOptions = SocketOptions(),
+                 max_outbox_msgs: int = 64, max_links: int = 64) -> None:
+        self.ctx, self.identity, self.opts = ctx, identity, opts
+        self.max_outbox_msgs, self.max_links = max_outbox_msgs, max_links
+        self._links: collections.OrderedDict[str, _Link] = collections.OrderedDict()
+        self._by_sock: dict[zmq.Socket, str] = {}
+
+    def link(self, endpoint: str) -> zmq.Socket:
+        """The DEALER to ``endpoint`` (connected on first use; least recently used closed beyond the cap)."""
+        link = self._links.get(endpoint)
+        if link is None:
+            while len(self._links) >= self.max_links:
+                idle = next((ep for ep, l in self._links.items() if not l.outbox), None)
+                if idle is None:
+                    break
+                self.close(idle)
+            link = _Link(dealer(self.ctx, endpoint, self.identity, self.opts), collections.deque())
+            self._links[endpoint] = link
+            self._by_sock[link.sock] = endpoint
+        self._links.move_to_end(endpoint)
+        return link.sock
+
+    def endpoint_of(self, sock: zmq.Socket) -> str | None:
+        return self._by_sock.get(sock)
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [l.sock for l in self._links.values()]
+
+    def pending(self, endpoint: str | None = None) -> int:
+        """Messages waiting in one outbox (or all)."""
+        if endpoint is not None:
+            link = self._links.get(endpoint)
+            return len(link.outbox) if link else 0
+        return sum(len(l.outbox) for l in self._links.values())
+
+    def send(self, endpoint: str, frames: Sequence[Any]) -> bool:
+        """Send now, or park in the outbox. False only when the outbox is full (caller must hold it)."""
+        sock = self.link(endpoint)
+        link = self._links[endpoint]
+        if not link.outbox and send(sock, frames):
+            return True
+        if len(link.outbox) >= self.max_outbox_msgs:
+            return False
+        link.outbox.append(frames)
+        return True
+
+    def flush(self, endpoint: str) -> int:
+        """Push parked messages while the peer takes them; returns how many went."""
+        link = self._links.get(endpoint)
+        n = 0
+        while link is not None and link.outbox and send(link.sock, link.outbox[0]):
+            link.outbox.popleft()
+            n += 1
+        return n
+
+    def discard(self, endpoint: str, frames: Sequence[Any]) -> bool:
+        """Remove one parked message (this very object) from ``endpoint``'s outbox."""
+        link = self._links.get(endpoint)
+        if link is None:
+            return False
+        for i, item in enumerate(link.outbox):
+            if item is frames:
+                del link.outbox[i]
+                return True
+        return False
+
+    def drop_outbox(self, endpoint: str) -> list[Sequence[Any]]:
+        """Remove and return the parked messages of ``endpoint``."""
+        link = self._links.get(endpoint)
+        if link is None:
+            return []
+        out = list(link.outbox)
+        link.outbox.clear()
+        return out
+
+    def poll_flags(self) -> Iterator[tuple[zmq.Socket, int]]:
+        """(socket, flags) to register: always POLLIN (replies), POLLOUT while an outbox waits."""
+        for link in self._links.values():
+            yield link.sock, zmq.POLLIN | (zmq.POLLOUT if link.outbox else 0)
+
+    def close(self, endpoint: str) -> None:
+        link = self._links.pop(endpoint, None)
+        if link is not None:
+            self._by_sock.pop(link.sock, None)
+            link.sock.close(0)
+
+    def close_all(self) -> None:
+        for ep in list(self._links):
+            self.close(ep)

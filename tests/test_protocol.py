@@ -1,0 +1,212 @@
+"""The wire format: round trips, zero-copy frames, and a decoder that only ever raises ProtocolError."""
+from __future__ import annotations
+
+import os
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgesplit.runtime import protocol as P
+from edgesplit.runtime.errors import BadInput, ProtocolError, RequestTimeout, RuntimeFailure, WorkerLost
+from edgesplit.runtime.protocol import Err, Msg
+
+
+def _run(payload=(), **fields):
+    base = {"mdl": "m", "hop": 0, "rep": "tcp://127.0.0.1:5000"}
+    base.update(fields)
+    return P.encode(Msg.RUN, P.new_rid(), 1000, base, payload)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+                                   torch.int16, torch.int32, torch.int64, torch.float64, torch.bool])
+def test_round_trip_every_dtype(dtype):
+    x = (torch.randn(2, 3, 5) * 10).to(dtype)
+    msg = P.decode(_run([x, x[:1]]))
+    assert msg.type == Msg.RUN and msg.get("mdl") == "m" and msg.budget_ms == 1000
+    ys = msg.tensors()
+    assert ys[0].dtype == dtype and torch.equal(ys[0], x) and torch.equal(ys[1], x[:1])
+
+
+@pytest.mark.timeout(30)
+def test_empty_and_blob_payloads():
+    msg = P.decode(P.encode(Msg.CHUNK, P.new_rid(), 0, {"body": {"id": "a"}}, [torch.zeros(0, 4), b"abc"]))
+    assert msg.tensor(0).shape == (0, 4)
+    assert bytes(msg.blob(1)) == b"abc"
+
+
+@pytest.mark.timeout(30)
+def test_send_side_shares_the_tensor_memory():
+    x = torch.randn(256, 1024)
+    frames = _run([x])
+    assert frames[2].ctypes.data == x.data_ptr()  # contiguous CPU tensors go out without a copy
+
+
+@pytest.mark.timeout(30)
+def test_receive_side_borrows_the_frame_memory():
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://zc")
+    b.connect("inproc://zc")
+    x = torch.randn(512, 512)  # 1 MiB: above the zero-copy threshold
+    a.send_multipart(_run([x]), copy=False)
+    frames = b.recv_multipart(copy=False)
+    msg = P.decode(frames)
+    y = msg.tensor(0)
+    assert torch.equal(x, y)
+    assert y.data_ptr() == np.frombuffer(frames[2].buffer, np.uint8).ctypes.data  # a view, not a copy
+    a.close(0)
+    b.close(0)
+    ctx.term()
+
+
+def _hdr(**over):
+    h = {"t": int(Msg.RUN), "rid": bytes(16), "bud": 10, "mdl": "m", "hop": 0, "rep": "tcp://h:1",
+         "ten": [[1, [2, 2], 16]]}
+    h.update(over)
+    return h
+
+
+BAD = {
+    "too few frames": [P.VERSION],
+    "wrong version": [b"ESP0", msgpack.packb(_hdr()), bytes(16)],
+    "header not msgpack": [P.VERSION, b"\xc1\xc1\xc1", bytes(16)],
+    "header too large": [P.VERSION, b"\x00" * (P.HEADER_MAX_BYTES + 1), bytes(16)],
+    "trailing bytes": [P.VERSION, msgpack.packb(_hdr()) + b"\x00", bytes(16)],
+    "not a map": [P.VERSION, msgpack.packb([1]), bytes(16)],
+    "missing rid": [P.VERSION, msgpack.packb({k: v for k, v in _hdr().items() if k != "rid"}), bytes(16)],
+    "short rid": [P.VERSION, msgpack.packb(_hdr(rid=b"x")), bytes(16)],
+    "negative budget": [P.VERSION, msgpack.packb(_hdr(bud=-1)), bytes(16)],
+    "unknown type": [P.VERSION, msgpack.packb(_hdr(t=200)), bytes(16)],
+    "bool as int": [P.VERSION, msgpack.packb(_hdr(hop=True)), bytes(16)],
+    "unknown key": [P.VERSION, msgpack.packb(_hdr(zz=1)), bytes(16)],
+    "RUN without rep": [P.VERSION, msgpack.packb({k: v for k, v in _hdr().items() if k != "rep"}), bytes(16)],
+    "bad endpoint": [P.VERSION, msgpack.packb(_hdr(rep="http://x")), bytes(16)],
+    "bad model name": [P.VERSION, msgpack.packb(_hdr(mdl="../etc")), bytes(16)],
+    "bad dtype": [P.VERSION, msgpack.packb(_hdr(ten=[[0, [2, 2], 16]])), bytes(16)],
+    "too many dims": [P.VERSION, msgpack.packb(_hdr(ten=[[5, [1] * 9, 1]])), bytes(1)],
+    "negative dim": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [-2, -2], 16]])), bytes(16)],
+    "nbytes mismatch": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [2, 2], 15]])), bytes(15)],
+    "frame shorter": [P.VERSION, msgpack.packb(_hdr()), bytes(15)],
+    "frame count": [P.VERSION, msgpack.packb(_hdr()), bytes(16), bytes(16)],
+    "huge declared": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [1 << 30, 1 << 30], 1 << 62]])), bytes(16)],
+    "ext type": [P.VERSION, msgpack.packb(_hdr(mdl=msgpack.ExtType(1, b"x"))), bytes(16)],
+    "timestamp ext": [P.VERSION, msgpack.packb(_hdr(cmeta={"t": msgpack.Timestamp(1)})), bytes(16)],
+    "int map key": [P.VERSION, msgpack.packb({1: 2}), bytes(16)],
+    "err not a pair": [P.VERSION, msgpack.packb({"t": int(Msg.ERROR), "rid": bytes(16), "bud": 0, "err": [1]})],
+    "too many frames": [P.VERSION, msgpack.packb(_hdr())] + [b""] * (P.MAX_PAYLOAD_FRAMES + 1),
+    "deep nesting": [P.VERSION, b"\x91" * 100 + b"\xc0", bytes(16)],
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_messages_raise_protocol_error(case):
+    with pytest.raises(ProtocolError):
+        P.decode(BAD[case])
+
+
+@pytest.mark.timeout(30)
+def test_frame_cap_is_enforced_from_the_header():
+    frames = _run([torch.zeros(100, 100)])
+    with pytest.raises(ProtocolError, match="frame cap"):
+        P.decode(frames, max_frame_bytes=1000)
+
+
+@pytest.mark.timeout(30)
+def test_encoder_refuses_oversized_header_and_unknown_dtype():
+    with pytest.raises(ProtocolError, match="header is"):
+        P.encode(Msg.HELLO, P.new_rid(), 0, {"body": {"x": "a" * (P.HEADER_MAX_BYTES + 10)}})
+    with pytest.raises(ProtocolError, match="cannot go on the wire"):
+        P.encode(Msg.RESULT, P.new_rid(), 0, {"mdl": "m"}, [torch.zeros(2, dtype=torch.complex64)])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=300), max_size=20))
+@pytest.mark.timeout(60)
+def test_random_frames_only_ever_raise_protocol_error(frames):
+    try:
+        P.decode(frames)
+    except ProtocolError:
+        pass
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=5), c, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(sorted(P.HEADER_KEYS) + ["zz"]), _msgpack_values, max_size=10),
+       st.lists(st.binary(max_size=64), max_size=3))
+@pytest.mark.timeout(60)
+def test_structured_garbage_headers_only_raise_protocol_error(header, payload):
+    try:
+        P.decode([P.VERSION, msgpack.packb(header), *payload])
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+@pytest.mark.timeout(60)
+def test_mutated_valid_messages_only_raise_protocol_error(data):
+    frames = [bytes(f) if not isinstance(f, np.ndarray) else f.tobytes() for f in _run([torch.ones(2, 3)])]
+    i = data.draw(st.integers(0, len(frames) - 1))
+    raw = bytearray(frames[i])
+    for _ in range(data.draw(st.integers(1, 4))):
+        if raw:
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    frames[i] = bytes(raw[: data.draw(st.integers(0, len(raw)))])
+    try:
+        msg = P.decode(frames)
+        msg.tensors()
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_error_codes_map_to_exception_types():
+    assert isinstance(P.error_from_wire(Err.WORKER_LOST, "x"), WorkerLost)
+    assert isinstance(P.error_from_wire(Err.TIMEOUT, "x"), RequestTimeout)
+    assert isinstance(P.error_from_wire(Err.BAD_INPUT, "x"), BadInput)
+    unknown = P.error_from_wire(999, "x")
+    assert type(unknown) is RuntimeFailure and "UNKNOWN_ERROR_999" in str(unknown)
+    assert P.error_code(WorkerLost("x")) == Err.WORKER_LOST
+    assert P.msg_name(Msg.RUN) == "RUN" and P.msg_name(77) == "UNKNOWN_TYPE_77"
+    assert set(P.ERR_NAMES.values()) == {e.name for e in Err}
+
+
+@pytest.mark.timeout(30)
+def test_error_message_round_trip_and_salvaged_fields():
+    rid = os.urandom(16)
+    msg = P.decode(P.encode_error(rid, Err.BAD_INPUT, "x" * 5000, hop=3))
+    code, reason = msg.get("err")
+    assert msg.rid == rid and code == Err.BAD_INPUT and len(reason) <= 1024 and msg.get("hop") == 3
+
+
+@pytest.mark.timeout(30)
+def test_blobs_are_bounded():
+    assert P.unpack_blob(P.pack_blob([{"a": 1}])) == [{"a": 1}]
+    with pytest.raises(ProtocolError):
+        P.unpack_blob(b"\xdd\xff\xff\xff\xff")  # an array declaring 4 G elements
+    with pytest.raises(ProtocolError):
+        P.unpack_blob(msgpack.packb(msgpack.ExtType(3, b"")))
+
+
+@pytest.mark.timeout(30)
+def test_body_get_checks_types():
+    assert P.body_get({"a": 1}, "a", int) == 1
+    assert P.body_get({}, "a", int, 5) == 5
+    with pytest.raises(ProtocolError):
+        P.body_get({"a": "1"}, "a", int)
+    with pytest.raises(ProtocolError):
+        P.body_get({"a": True}, "a", int)
+    with pytest.raises(ProtocolError):
+        P.body_get({}, "a", int)

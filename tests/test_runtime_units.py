@@ -1,0 +1,216 @@
+"""Pure parts of the runtime: config flags, plans, liveness, the block cache, records, links, outboxes."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import pytest
+import torch
+import zmq
+
+from edgesplit.partitioner import BlockStore, MissingBlocksError
+from edgesplit.runtime import protocol as P
+from edgesplit.runtime.cache import BlockCache
+from edgesplit.runtime.config import add_arguments, from_args, from_mapping, load_file, parse_size
+from edgesplit.runtime.errors import ConfigError, DeployError, ProtocolError
+from edgesplit.runtime.links import LinkSpec, create_link_codec, decode_link, encode_link
+from edgesplit.runtime.liveness import Backoff, PeerTable
+from edgesplit.runtime.plan import PlannedStage, balanced_splits, check_plan
+from edgesplit.runtime.transport import PeerLinks, SocketOptions, router
+from edgesplit.runtime.types import Route, RouteHop, StageInfo, WorkerInfo
+from edgesplit.runtime.worker import WorkerConfig
+
+
+# --- config ------------------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_parse_size():
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("1.5KiB") == 1536
+    assert parse_size("100") == 100
+    with pytest.raises(ConfigError, match="size"):
+        parse_size("lots")
+
+
+@pytest.mark.timeout(10)
+def test_flags_from_dataclass_with_alias_and_units():
+    p = argparse.ArgumentParser()
+    add_arguments(p, WorkerConfig)
+    args = p.parse_args(["--memory-budget", "1GiB", "--name", "jetson-1", "--stall-ms", "5"])
+    cfg = from_args(WorkerConfig, args)
+    assert cfg.memory_budget_bytes == 1024**3 and cfg.name == "jetson-1" and cfg.stall_ms == 5
+    assert cfg.bind == WorkerConfig().bind  # flags not given keep the defaults
+    for action in p._actions:
+        if action.dest != "help":
+            assert action.help, f"--{action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--log-level", "loud"])
+
+
+@pytest.mark.timeout(10)
+def test_unknown_and_mistyped_keys_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown WorkerConfig keys.*memory_budget"):
+        from_mapping(WorkerConfig, {"memory_budget": "1GiB"})
+    with pytest.raises(ConfigError, match="must be int"):
+        from_mapping(WorkerConfig, {"queue_depth": "four"})
+    (tmp_path / "w.toml").write_text('[worker]\nname = "a"\nmemory_budget_bytes = "3GiB"\n')
+    cfg = from_mapping(WorkerConfig, load_file(tmp_path / "w.toml", "worker"))
+    assert cfg.name == "a" and cfg.memory_budget_bytes == 3 * 1024**3
+    assert dataclasses.is_dataclass(cfg) and dataclasses.fields(cfg)  # frozen dataclass, not a dict
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "b"
+
+
+# --- plans -------------------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_balanced_splits_minimise_the_slowest_stage():
+    assert balanced_splits([1, 1, 1, 1], 2) == [2]
+    assert balanced_splits([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert balanced_splits([1, 2, 3, 4, 5, 6], 3) == [3, 5]  # stages 6, 9, 6
+    assert balanced_splits([1, 1, 1], 3) == [1, 2]
+    with pytest.raises(DeployError):
+        balanced_splits([1, 1], 3)
+
+
+@pytest.mark.timeout(10)
+def test_check_plan_names_the_problem():
+    check_plan([PlannedStage("a", 0, 2), PlannedStage("b", 2, 5)], 5)
+    with pytest.raises(DeployError, match="must start at block 2"):
+        check_plan([PlannedStage("a", 0, 2), PlannedStage("b", 3, 5)], 5)
+    with pytest.raises(DeployError, match="ends at block 4"):
+        check_plan([PlannedStage("a", 0, 4)], 5)
+
+
+# --- liveness ----------------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_peer_table_purges_oldest_first():
+    t = PeerTable[str](interval_ms=1000, liveness=3)
+    assert t.refresh("a", now=0.0) and t.refresh("b", now=1.0)
+    assert not t.refresh("a", now=2.0)  # traffic from a moves it behind b
+    assert t.purge(now=3.5) == []
+    assert t.purge(now=4.5) == ["b"]
+    assert t.purge(now=6.0) == ["a"] and len(t) == 0
+
+
+@pytest.mark.timeout(10)
+def test_backoff_doubles_up_to_the_cap():
+    b = Backoff(100, 800)
+    delays = [b.next_delay_s() for _ in range(6)]
+    for d, base in zip(delays, [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]):
+        assert 0.75 * base <= d <= 1.25 * base
+    b.reset()
+    assert b.next_delay_s() <= 0.125
+
+
+# --- block cache -------------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_block_cache_lru_budget_pins_and_counters(tmp_path):
+    store = BlockStore(tmp_path)
+    ids = [store.put({"w": torch.full((256,), float(i))}) for i in range(4)]  # 1 KiB each
+    cache = BlockCache(store, budget_bytes=3 * 1024)
+    for bid in ids[:3]:
+        cache.get(bid)
+    assert cache.stats.misses == 3 and cache.stats.bytes_loaded == 3 * 1024
+    assert torch.equal(cache.get(ids[0])["w"], torch.zeros(256)) and cache.stats.hits == 1
+    cache.pin([ids[1]])
+    cache.get(ids[3])  # evicts the least recently used unpinned block: ids[2]
+    assert ids[2] not in cache and ids[1] in cache and ids[0] in cache and cache.stats.evictions == 1
+    assert cache.resident_bytes == 3 * 1024
+    assert cache.report()["resident_blocks"] == 3
+    cache.pin([ids[0], ids[3]])
+    with pytest.raises(DeployError, match="held by deployed stages"):
+        cache.get(ids[2])
+    big = store.put({"w": torch.zeros(2048)})
+    with pytest.raises(DeployError, match="memory budget"):
+        cache.get(big)
+    with pytest.raises(MissingBlocksError):
+        cache.get("0" * 64)
+
+
+# --- records -----------------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_records_round_trip_and_reject_garbage():
+    s = StageInfo("vit", 1, 4, 9, 14, 123, "tcp://10.0.0.2:5600")
+    assert StageInfo.from_msg(s.to_msg()) == s
+    r = Route("vit", 123, 14, [3, 224, 224], [RouteHop(0, "a", "tcp://h:1", 0, 4), RouteHop(1, "b", "tcp://h:2", 4, 14)])
+    assert Route.from_msg(r.to_msg()) == r and r.workers == ["a", "b"]
+    w = WorkerInfo("a", "tcp://h:1", "cpu", 10, stages=[s], stats=[["vit", 1, 5, 1.0, 1.5, 0]])
+    w2 = WorkerInfo.from_msg(w.to_msg())
+    assert w2.stages == [s] and w2.stage_stats()[("vit", 1)]["n"] == 5
+    for bad in (["vit", 1, 9, 4, 14, 1, None], ["vit", 1, 0, 99, 14, 1, None], "x", ["vit", 1, 0, 1, 14, 1, "ftp://x"]):
+        with pytest.raises(ProtocolError):
+            StageInfo.from_msg(bad)
+
+
+# --- links -------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_link_seam_raw_and_compression_codecs():
+    x = torch.randn(2, 8, 5)
+    raw = LinkSpec()
+    meta, frames = encode_link(None, raw, x)
+    assert meta == {} and frames[0] is x
+    msg = P.decode(P.encode(P.Msg.RUN, P.new_rid(), 1, {"mdl": "m", "hop": 1, "rep": "tcp://h:1"}, frames))
+    assert torch.equal(decode_link(None, raw, "raw", {}, msg.tensors, None), x)
+    spec = LinkSpec("identity", None, "fp16")  # a codec of edgesplit.compression, no weights
+    codec = create_link_codec(spec)
+    meta, frames = encode_link(codec, spec, x)
+    fields = {"mdl": "m", "hop": 1, "rep": "tcp://h:1", "cod": "identity", "cmeta": meta}
+    msg = P.decode(P.encode(P.Msg.RUN, P.new_rid(), 1, fields, frames))
+    assert msg.payload_bytes == x.numel() * 2  # fp16 on the wire
+    y = decode_link(codec, spec, msg.get("cod"), msg.get("cmeta"), msg.tensors,
+                    lambda: [msg.blob(i) for i in range(len(msg.specs))])
+    assert torch.allclose(y, x, atol=1e-2)
+    with pytest.raises(ProtocolError, match="encoded with link codec 'raw'"):
+        decode_link(codec, spec, "raw", {}, msg.tensors, None)
+    assert LinkSpec.from_msg(None) == LinkSpec()
+    assert LinkSpec.from_msg({"codec": "int8", "budget": 8}).budget == 8
+    with pytest.raises(ProtocolError):
+        LinkSpec.from_msg({"codec": "x", "budget": -1})
+    with pytest.raises(ConfigError, match="unknown"):
+        create_link_codec(LinkSpec("no-such-codec"))
+
+
+# --- outboxes and back-pressure ------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_peer_links_park_until_the_peer_is_up_then_deliver_in_order():
+    ctx = zmq.Context()
+    port = zmq.Context.instance().socket(zmq.ROUTER).bind_to_random_port("tcp://127.0.0.1")  # reserve, then free
+    endpoint = f"tcp://127.0.0.1:{port}"
+    zmq.Context.instance().destroy(linger=0)
+    links = PeerLinks(ctx, b"sender", max_outbox_msgs=3)
+    msgs = [P.encode(P.Msg.HELLO, P.new_rid(), i) for i in range(4)]
+    assert all(links.send(endpoint, m) for m in msgs[:3])  # nobody listens: parked, not lost
+    assert not links.send(endpoint, msgs[3])  # the outbox is bounded
+    assert links.pending(endpoint) == 3
+    sock, _ = router(ctx, endpoint)
+    deadline = time.monotonic() + 5
+    while links.pending(endpoint) and time.monotonic() < deadline:
+        links.flush(endpoint)
+        time.sleep(0.01)
+    got = []
+    while sock.poll(1000) and len(got) < 3:
+        got.append(P.decode(sock.recv_multipart()[1:]).budget_ms)
+    assert got == [0, 1, 2]
+    links.close_all()
+    sock.close(0)
+    ctx.term()
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_that_does_not_read_causes_back_pressure_not_memory_growth():
+    ctx = zmq.Context()
+    sock, endpoint = router(ctx, "tcp://127.0.0.1:*")  # bound, never read
+    links = PeerLinks(ctx, b"sender", SocketOptions(hwm_msgs=4), max_outbox_msgs=4)
+    frame = [P.VERSION, b"h", bytes(1 << 20)]  # 1 MiB messages
+    accepted = 0
+    for _ in range(400):
+        if not links.send(endpoint, frame):
+            break
+        accepted += 1
+        links.flush(endpoint)
+    # HWMs on both sides + TCP buffers + the outbox: a bounded number, far from the 400 offered
+    assert accepted < 100, f"{accepted} MiB accepted by a peer that never reads"
+    links.close_all()
+    sock.close(0)
+    ctx.term()
