@@ -246,6 +246,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     from .demo import DemoConfig
 
     add_arguments(p, DemoConfig)
+    cw = p.add_argument_group("class-wise mode (ED-ViT style: per-class-group sub-models fused by an MLP)")
+    cw.add_argument("--classwise", type=int, default=0, metavar="N",
+                    help="instead of a layer-wise split: train a small model on scikit-learn digits, split it into N "
+                         "class-group sub-models on N workers plus a fusion worker, and report (0 = off)")
+    cw.add_argument("--classwise-arch", choices=["vit", "resnet"], default="vit", help="model family in class-wise mode")
+    cw.add_argument("--classwise-epochs", type=int, default=20, metavar="N", help="training epochs in class-wise mode")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -253,7 +259,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     _interrupt_on_sigterm()
     try:
-        return run_demo(_build(DemoConfig, args, "demo"))
+        cfg = _build(DemoConfig, args, "demo")
+        if args.classwise:
+            from .classwise import ClasswiseDemoConfig, run_classwise_demo
+
+            return run_classwise_demo(ClasswiseDemoConfig(
+                groups=args.classwise, arch=args.classwise_arch, epochs=args.classwise_epochs, seed=cfg.seed,
+                torch_threads=cfg.torch_threads, port=cfg.port))
+        return run_demo(cfg)
     except KeyboardInterrupt:
         print("\ninterrupted; the cluster was stopped", file=sys.stderr)
         return 130
