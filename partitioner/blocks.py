@@ -9,6 +9,8 @@ Anything else raises :class:`UnsupportedModelError` rather than guessing a split
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,12 +80,16 @@ class _Owner(nn.Module):
 
 # --- timm VisionTransformer -------------------------------------------------------------
 
+def _timm_class(module: str, name: str) -> type | None:
+    """A timm class, if timm is loaded at all (a model built by timm implies it is; importing costs ~2 s)."""
+    if "timm" not in sys.modules:
+        return None
+    return getattr(importlib.import_module(module), name, None)
+
+
 def _is_vit(model: nn.Module) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
-        return False
-    return isinstance(model, VisionTransformer)
+    cls = _timm_class("timm.models.vision_transformer", "VisionTransformer")
+    return cls is not None and isinstance(model, cls)
 
 
 class ViTEmbed(_Owner):
@@ -136,11 +142,8 @@ def _split_vit(model: nn.Module) -> list[NamedBlock]:
 # --- timm ResNet ------------------------------------------------------------------------
 
 def _is_resnet(model: nn.Module) -> bool:
-    try:
-        from timm.models.resnet import ResNet
-    except ImportError:
-        return False
-    return isinstance(model, ResNet)
+    cls = _timm_class("timm.models.resnet", "ResNet")
+    return cls is not None and isinstance(model, cls)
 
 
 class ResNetStem(_Owner):
