@@ -36,6 +36,7 @@ from edgesplit.partitioner.classwise import ClasswiseDescriptor
 
 from .client import Client, RequestInfo
 from .config import human_size, opt
+from .demo import percentile, say
 from .errors import BadInput, ConfigError, DeployError, RequestTimeout, RuntimeFailure
 from .types import Route
 
@@ -249,17 +250,6 @@ class ClasswiseDemoConfig:
     port: int = opt(0, "coordinator port (0 = any free port)")
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run_classwise_demo(cfg: ClasswiseDemoConfig = ClasswiseDemoConfig()) -> int:
     """Train a digits package, run it on ``groups + 1`` local workers and report.
 
@@ -278,32 +268,32 @@ def run_classwise_demo(cfg: ClasswiseDemoConfig = ClasswiseDemoConfig()) -> int:
     torch.set_num_threads(max(1, cfg.torch_threads))
     tmp = Path(tempfile.mkdtemp(prefix="edgesplit-classwise-demo-"))
     try:
-        _say(f"[1/4] training a {cfg.arch} on digits ({cfg.epochs} epochs) and splitting it into "
+        say(f"[1/4] training a {cfg.arch} on digits ({cfg.epochs} epochs) and splitting it into "
              f"{cfg.groups} class groups ...")
         t0 = time.perf_counter()
         store = BlockStore(tmp / "store")
         built = build_digits_package(model, "digits", store, cfg.groups, epochs=cfg.epochs, seed=cfg.seed,
                                      kwargs=kwargs)
-        _say(f"      done in {time.perf_counter() - t0:.1f} s; full model {built.full_accuracy:.1%} on held-out digits")
+        say(f"      done in {time.perf_counter() - t0:.1f} s; full model {built.full_accuracy:.1%} on held-out digits")
 
-        _say(f"[2/4] starting a coordinator and {cfg.groups + 1} workers on 127.0.0.1 ...")
+        say(f"[2/4] starting a coordinator and {cfg.groups + 1} workers on 127.0.0.1 ...")
         t0 = time.perf_counter()
         lc = LocalCluster(LocalClusterConfig(workers=cfg.groups + 1, port=cfg.port, torch_threads=cfg.torch_threads),
                           store=tmp / "store", workdir=str(tmp / "cluster"))
         with lc:
             cl = lc.client(timeout_ms=60_000)
-            _say(f"      registered in {time.perf_counter() - t0:.1f} s")
+            say(f"      registered in {time.perf_counter() - t0:.1f} s")
             runner = ClasswiseRunner(cl, store, "digits")
             with runner:
                 t0 = time.perf_counter()
                 placement = runner.deploy()
-                _say(f"[3/4] deployed in {time.perf_counter() - t0:.1f} s: " + ", ".join(
+                say(f"[3/4] deployed in {time.perf_counter() - t0:.1f} s: " + ", ".join(
                     f"{n}->{w}" for n, w in zip(runner.descriptor.submodels, placement.submodels))
                      + f", fusion->{placement.fusion}")
                 xs = [built.x_test[i:i + 1] for i in range(min(cfg.inputs, built.x_test.shape[0]))]
                 for x in xs[:2]:
                     runner.infer(x)  # warm-up
-                _say(f"[4/4] streaming {len(xs)} held-out digits ({cfg.in_flight} in flight) ...")
+                say(f"[4/4] streaming {len(xs)} held-out digits ({cfg.in_flight} in flight) ...")
                 t0 = time.perf_counter()
                 futures, outputs, errors = _stream(runner, xs, cfg.in_flight)
                 wall_s = time.perf_counter() - t0
@@ -369,8 +359,8 @@ def _report(cfg: ClasswiseDemoConfig, runner: ClasswiseRunner, placement: Classw
         comp = [c for c in (_compute_ms(r) for r in ri) if c is not None]
         reply = [r.latency_ms for r in ri if r is not None]
         lines.append(f"{name:<18}{worker:<8}{classes:<14}{params:>9,}{human_size(man.size_bytes):>11}"
-                     f"{full.size_bytes / man.size_bytes:>10.1f}  {_pct(comp, .5):>14.2f}{_pct(comp, .95):>7.2f}"
-                     f"  {_pct(reply, .5):>12.2f}")
+                     f"{full.size_bytes / man.size_bytes:>10.1f}  {percentile(comp, .5):>14.2f}{percentile(comp, .95):>7.2f}"
+                     f"  {percentile(reply, .5):>12.2f}")
     total = sum(store.manifest(n).size_bytes for n in [*d.submodels, d.fusion])
     lines.append(f"{'full model':<18}{'-':<8}{'all':<14}{full_params:>9,}{human_size(full.size_bytes):>11}{1.0:>10.1f}")
     lines.append(f"{'package total':<40}{human_size(total):>20}{full.size_bytes / total:>10.2f}")
@@ -378,7 +368,7 @@ def _report(cfg: ClasswiseDemoConfig, runner: ClasswiseRunner, placement: Classw
     lat = [i.latency_ms for i in infos]
     lines.append(f"requests        {len(infos)} ok, {len(errors)} failed ({cfg.in_flight} in flight, "
                  f"{len(infos) / wall_s if wall_s > 0 else float('nan'):.1f} req/s)")
-    lines.append(f"latency         p50 {_pct(lat, .5):.1f} ms   p95 {_pct(lat, .95):.1f} ms   (end to end, at the client: "
+    lines.append(f"latency         p50 {percentile(lat, .5):.1f} ms   p95 {percentile(lat, .95):.1f} ms   (end to end, at the client: "
                  "sub-models in parallel, then fusion)")
     lines.append(f"accuracy        {acc:.1%} on {len(infos)} held-out digits (full model: {built.full_accuracy:.1%}; "
                  f"one-process package: {built.package_accuracy:.1%} on all {built.y_test.numel()})")

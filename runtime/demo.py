@@ -46,14 +46,14 @@ class DemoConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(msg, flush=True)
 
 
@@ -68,25 +68,25 @@ def run_demo(cfg: DemoConfig) -> int:
     torch.set_num_threads(max(1, cfg.torch_threads))
     tmp = Path(tempfile.mkdtemp(prefix="edgesplit-demo-"))
     try:
-        _say(f"[1/5] partitioning {cfg.model} (random weights, seed {cfg.seed}) into a block store ...")
+        say(f"[1/5] partitioning {cfg.model} (random weights, seed {cfg.seed}) into a block store ...")
         torch.manual_seed(cfg.seed)
         model = timm.create_model(cfg.model, pretrained=False).eval()
         store = BlockStore(tmp / "store")
         t0 = time.perf_counter()
         manifest = partition(model, cfg.model, timm_recipe(cfg.model), store, profile=True)
-        _say(f"      {manifest.n_blocks} blocks, {human_size(manifest.size_bytes)} in {time.perf_counter() - t0:.1f} s")
+        say(f"      {manifest.n_blocks} blocks, {human_size(manifest.size_bytes)} in {time.perf_counter() - t0:.1f} s")
 
-        _say(f"[2/5] starting a coordinator and {cfg.workers} workers on 127.0.0.1 ...")
+        say(f"[2/5] starting a coordinator and {cfg.workers} workers on 127.0.0.1 ...")
         t0 = time.perf_counter()
         lc = LocalCluster(LocalClusterConfig(workers=cfg.workers, port=cfg.port, torch_threads=cfg.torch_threads),
                           store=tmp / "store", workdir=str(tmp / "cluster"))
         with lc:
-            _say(f"      coordinator {lc.endpoint}; workers registered in {time.perf_counter() - t0:.1f} s")
+            say(f"      coordinator {lc.endpoint}; workers registered in {time.perf_counter() - t0:.1f} s")
             cl = lc.client()
-            _say(f"[3/5] deploying {cfg.model} in {cfg.workers} stages (workers fetch their blocks) ...")
+            say(f"[3/5] deploying {cfg.model} in {cfg.workers} stages (workers fetch their blocks) ...")
             t0 = time.perf_counter()
             route = cl.deploy(cfg.model, n_stages=cfg.workers)
-            _say(f"      deployed in {time.perf_counter() - t0:.1f} s: " + " -> ".join(
+            say(f"      deployed in {time.perf_counter() - t0:.1f} s: " + " -> ".join(
                 f"{h.worker}[{manifest.blocks[h.start].name}..{manifest.blocks[h.end - 1].name}]" for h in route.hops))
 
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -94,11 +94,11 @@ def run_demo(cfg: DemoConfig) -> int:
             for x in xs[:2]:
                 cl.infer(cfg.model, x)  # warm-up (connections, first-call allocations)
 
-            _say(f"[4/5] streaming {cfg.inputs} inputs (batch {cfg.batch}, {cfg.in_flight} in flight) ...")
+            say(f"[4/5] streaming {cfg.inputs} inputs (batch {cfg.batch}, {cfg.in_flight} in flight) ...")
             futures, outputs, errors = _stream(cl, cfg, xs)
             wall_s = futures[-1][1] if futures else 0.0
 
-            _say("[5/5] checking against the unsplit model ...")
+            say("[5/5] checking against the unsplit model ...")
             max_diff = 0.0
             with torch.inference_mode():
                 for i, x in enumerate(xs):
@@ -168,20 +168,20 @@ def _report(cfg: DemoConfig, manifest: Any, route: Any, infos: list[Any], errors
     for k, h in enumerate(route.hops):
         blocks = f"{manifest.blocks[h.start].name}..{manifest.blocks[h.end - 1].name} ({h.end - h.start})"
         params = sum(b.n_params for b in manifest.blocks[h.start:h.end])
-        lines.append(f"{k:<6}{h.worker:<8}{blocks:<26}{params:>10,}  {_pct(compute[k], .5):>14.2f}"
-                     f"{_pct(compute[k], .95):>8.2f}  {_pct(queue_ms[k], .5):>12.2f}")
+        lines.append(f"{k:<6}{h.worker:<8}{blocks:<26}{params:>10,}  {percentile(compute[k], .5):>14.2f}"
+                     f"{percentile(compute[k], .95):>8.2f}  {percentile(queue_ms[k], .5):>12.2f}")
     lines.append("")
     lines.append(f"{'hop':<20}{'bytes/request':>14}  {'transfer ms p50':>15}{'p95':>8}")
     names = ["client", *route.workers, "client"]
     for k in range(n_hops + 1):
         b = statistics.median(nbytes[k]) if nbytes[k] else 0
-        lines.append(f"{names[k] + ' -> ' + names[k + 1]:<20}{human_size(b):>14}  {_pct(xfer[k], .5):>15.2f}"
-                     f"{_pct(xfer[k], .95):>8.2f}")
+        lines.append(f"{names[k] + ' -> ' + names[k + 1]:<20}{human_size(b):>14}  {percentile(xfer[k], .5):>15.2f}"
+                     f"{percentile(xfer[k], .95):>8.2f}")
     lines.append("")
-    slowest = max((_pct(c, .5) for c in compute), default=float("nan"))
+    slowest = max((percentile(c, .5) for c in compute), default=float("nan"))
     thr = len(infos) / wall_s if wall_s > 0 else float("nan")
     lines.append(f"requests        {len(infos)} ok, {len(errors)} failed (batch {cfg.batch}, {cfg.in_flight} in flight)")
-    lines.append(f"latency         p50 {_pct(lat, .5):.1f} ms   p95 {_pct(lat, .95):.1f} ms   (end to end, at the client)")
+    lines.append(f"latency         p50 {percentile(lat, .5):.1f} ms   p95 {percentile(lat, .95):.1f} ms   (end to end, at the client)")
     lines.append(f"throughput      {thr:.1f} req/s   (the slowest stage's p50 compute allows {1000 / slowest:.1f} "
                  f"req/s: ratio {thr * slowest / 1000:.2f}; {cfg.workers} workers on {os.cpu_count()} cores)")
     verdict = "OK" if max_diff <= TOLERANCE else "MISMATCH"
