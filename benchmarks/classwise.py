@@ -340,6 +340,7 @@ def plot(rows: list[Row], path: Path) -> None:
     if cluster:
         axes[3].set(title="loopback cluster, end to end (1 sample)", xlabel="groups N", ylabel="ms")
         axes[3].set_ylim(bottom=0)
+        axes[3].set_xticks(sorted({r.n_groups for r in rows if r.n_groups > 1}))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
