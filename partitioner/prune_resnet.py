@@ -27,7 +27,7 @@ from torch import nn
 
 from .builders import register_builder
 from .errors import UnsupportedModelError
-from .prune_vit import OTHER_ROW_INIT_STD, keep_count, top_indices
+from .prune_vit import group_head, keep_count, top_indices
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -328,11 +328,7 @@ def _pruned_state(model: nn.Module, plan: ResNetPrunePlan, classes: list[int] | 
                 _bn(full, f"{src}.downsample.{norm}", f"{dst}.downsample.{dnorm}", g[g_out], out)
             prev = g_out
     if classes is not None:
-        w = full["fc.weight"].index_select(0, torch.tensor(classes)).index_select(1, g[prev])  # (|g|, C')
-        other = torch.randn(1, w.shape[1]) * OTHER_ROW_INIT_STD
-        out["fc.weight"] = torch.cat([w, other], dim=0)  # (|g| + 1, C'): last row = "other classes"
-        b = full["fc.bias"].index_select(0, torch.tensor(classes))
-        out["fc.bias"] = torch.cat([b, b.new_zeros(1)])
+        group_head(full, "fc", classes, g[prev], out)
     unknown = set(target) - set(out)
     if unknown:
         raise UnsupportedModelError(f"pruned ResNet has tensors the pruner does not fill: {sorted(unknown)}")

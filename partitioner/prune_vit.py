@@ -85,6 +85,26 @@ def top_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def group_head(full: dict[str, torch.Tensor], prefix: str, classes: list[int], kept_inputs: torch.Tensor,
+               out: dict[str, torch.Tensor]) -> None:
+    """Fill ``out`` with a |group| + 1 classifier: the group's rows of the full head, then an "other" row.
+
+    Args:
+        full: the full model's state dict.
+        prefix: the classifier's name in it (``head`` for a ViT, ``fc`` for a ResNet).
+        classes: the group's class indices, in output order.
+        kept_inputs: indices of the classifier inputs that survive pruning.
+        out: the pruned state dict being built.
+    """
+    rows = torch.tensor(classes)
+    w = full[f"{prefix}.weight"].index_select(0, rows).index_select(1, kept_inputs)  # (|g|, D')
+    other = torch.randn(1, w.shape[1]) * OTHER_ROW_INIT_STD
+    out[f"{prefix}.weight"] = torch.cat([w, other], dim=0)  # (|g| + 1, D'): last row = "other classes"
+    if f"{prefix}.bias" in full:
+        b = full[f"{prefix}.bias"].index_select(0, rows)
+        out[f"{prefix}.bias"] = torch.cat([b, b.new_zeros(1)])
+
+
 def _check_vit(model: nn.Module) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -291,12 +311,7 @@ def _pruned_state(model: nn.Module, plan: ViTPrunePlan, classes: list[int] | Non
             else:
                 raise UnsupportedModelError(f"do not know how to prune tensor {name} of the ViT")
     if classes is not None:
-        w = full["head.weight"].index_select(0, torch.tensor(classes)).index_select(1, e)  # (|g|, D')
-        other = torch.randn(1, w.shape[1]) * OTHER_ROW_INIT_STD
-        out["head.weight"] = torch.cat([w, other], dim=0)  # (|g| + 1, D'): last row = "other classes"
-        if "head.bias" in full:
-            b = full["head.bias"].index_select(0, torch.tensor(classes))
-            out["head.bias"] = torch.cat([b, b.new_zeros(1)])
+        group_head(full, "head", classes, e, out)
     unknown = set(target) - set(out)
     if unknown:
         raise UnsupportedModelError(f"pruned ViT has tensors the pruner does not fill: {sorted(unknown)}")
