@@ -5,6 +5,7 @@
     edgesplit demo                                   # the main job: split a model 3 ways on loopback, report
     edgesplit up --workers 3                         # a local cluster until Ctrl-C
     edgesplit infer --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --input x.npy
+    edgesplit link --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --cut 0 --budget 8
 
     # three boards: one coordinator, one worker per board
     edgesplit partition vit_tiny_patch16_224 --store ./store
@@ -87,6 +88,44 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE.npy", default=None, help="save the output array here")
     p.add_argument("--top", type=int, default=5, help="print the top-K classes per sample (0 = none)")
     _add_client(p)
+
+
+def _add_link(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a deployed model")
+    p.add_argument("--cut", type=int, required=True, help="which link: 0 = between stage 0 and stage 1")
+    p.add_argument("--budget", default=None, metavar="B|full",
+                   help="channels kept on the link (one of the codec's budgets), or 'full' for full width; with "
+                        "--rate, the most kept")
+    p.add_argument("--wire-dtype", choices=["fp32", "fp16", "int8"], default=None, help="values on the wire")
+    p.add_argument("--rate", default=None, metavar="BYTES_PER_S|off",
+                   help="bytes/s allocated to the link: the sender then picks the budget per transfer to fit "
+                        "it; 'off' returns to the fixed budget")
+    p.add_argument("--share", type=float, default=None,
+                   help="with --rate: fraction (0, 1] of a request's remaining time the transfer may take")
+    _add_client(p)
+
+
+def _run_link(args: argparse.Namespace) -> int:
+    from .client import Client, ClientConfig
+    from .errors import ConfigError
+
+    changes: dict[str, Any] = {}
+    try:
+        if args.budget is not None:
+            changes["budget"] = None if args.budget == "full" else int(args.budget)
+        if args.rate is not None:
+            changes["rate"] = None if args.rate == "off" else float(args.rate)
+    except ValueError:
+        raise ConfigError(f"--budget takes an integer or 'full', --rate a number or 'off' "
+                          f"(got {args.budget!r}, {args.rate!r})") from None
+    if args.wire_dtype is not None:
+        changes["wire_dtype"] = args.wire_dtype
+    if args.share is not None:
+        changes["share"] = args.share
+    with Client(_build(ClientConfig, args, "client")) as cl:
+        now = cl.set_link(args.model, args.cut, **changes)
+    print(f"{args.model} cut {args.cut}: " + "  ".join(f"{k}={v}" for k, v in now.items()))
+    return 0
 
 
 def load_input(path: str, input_shape: list[int]) -> Any:
@@ -298,6 +337,7 @@ def commands() -> dict[str, tuple[str, Adder, Runner]]:
         "coordinator": ("run the coordinator daemon (one per cluster)", _add_coordinator, _run_coordinator),
         "infer": ("send one input (.npy or image) through a deployed model", _add_infer, _run_infer),
         "workers": ("list the workers and models a coordinator knows", _add_workers, _run_workers),
+        "link": ("change a deployed link's budget, wire dtype or rate live (no redeploy)", _add_link, _run_link),
     }
     if _module_file_exists("edgesplit.partitioner.cli"):
         cmds["partition"] = ("store a timm model as content-addressed blocks plus a manifest",

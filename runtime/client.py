@@ -221,6 +221,26 @@ class Client:
         self.routes[model] = route
         return route
 
+    def set_link(self, model: str, cut: int, **changes: Any) -> dict[str, Any]:
+        """Change the settings of a deployed link live: no redeploy, the next request uses them.
+
+        Args:
+            model: a deployed model.
+            cut: which link, 0 = between stage 0 and stage 1.
+            changes: any of ``budget`` (channels kept, None = full width; with ``rate``: the most
+                kept), ``wire_dtype`` ("fp32", "fp16", "int8"), ``rate`` (bytes/s allocated to the
+                link, so the sender picks the budget per transfer; None = fixed budget) and
+                ``share`` (fraction of a request's remaining time the transfer may take).
+        Returns:
+            The link's settings now (``{"codec", "budget", "wire_dtype", "rate", "share"}``).
+        Raises:
+            BadInput: the link's codec cannot take them (e.g. a budget it does not serve, a raw link).
+            DeployError: no such cut.
+        """
+        msg = self._call(Msg.LINK, {"body": {"model": model, "cut": int(cut), "link": dict(changes)}},
+                         what=f"link change of {model} cut {cut}")
+        return dict(P.body_get(msg.body, "link", dict))
+
     def wait_for_workers(self, n: int, timeout_s: float = 30.0) -> list[WorkerInfo]:
         """Block until at least ``n`` workers are registered; returns them."""
         deadline = time.monotonic() + timeout_s

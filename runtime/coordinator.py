@@ -88,6 +88,7 @@ class Coordinator:
         self.live = PeerTable[str](cfg.heartbeat_ms, cfg.liveness)
         self.clients = PeerTable[bytes](cfg.heartbeat_ms, cfg.liveness * 4)
         self.plans: dict[bytes, _PendingPlan] = {}
+        self.link_orders: dict[bytes, tuple[bytes, str, float]] = {}  # rid -> (client, worker, deadline)
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
         self._files: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._last_plan = 0
@@ -145,6 +146,11 @@ class Coordinator:
                 for name in self.live.purge(now):
                     self._lose(name)
                 self.clients.purge(now)
+                for rid, (client, worker, deadline) in list(self.link_orders.items()):
+                    if now > deadline:
+                        del self.link_orders[rid]
+                        self._reply(client, P.encode_error(rid, Err.TIMEOUT, f"worker {worker} did not confirm "
+                                                                             "the link change in time"))
                 for rid, plan in list(self.plans.items()):
                     if now > plan.deadline:
                         self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
@@ -247,6 +253,9 @@ class Coordinator:
     def _on_worker_error(self, ident: bytes, msg: P.Message) -> None:
         if self._known_worker(ident, msg) is None:
             return
+        order = self.link_orders.pop(msg.rid, None)
+        if order is not None:
+            self._reply(order[0], P.encode(Msg.ERROR, msg.rid, 0, {"err": msg.get("err")}))
         if msg.rid in self.plans:
             code, reason = msg.get("err")
             self._fail_plan(msg.rid, Err.DEPLOY_FAILED, reason)
@@ -366,6 +375,28 @@ class Coordinator:
         links = [LinkSpec.from_msg(v) for v in links_raw]
         self._deploy(ident, msg, manifest, stages, links)
 
+    def _on_link(self, ident: bytes, msg: P.Message) -> None:
+        """A client's LINK order goes to the worker sending on that cut; the worker's reply comes back."""
+        order = self.link_orders.get(msg.rid)
+        sender = self.workers.get(order[1]) if order is not None else None
+        if sender is not None and ident == sender.ident:
+            del self.link_orders[msg.rid]
+            self._reply(order[0], P.encode(Msg.LINK, msg.rid, 0, {"body": msg.body}))
+            return
+        self.clients.refresh(ident)
+        model = P.check_model_name(P.body_get(msg.body, "model", str))
+        cut = P.body_get(msg.body, "cut", int)
+        route = self.route(model)
+        if not 0 <= cut < len(route.hops) - 1:
+            raise DeployError(f"model {model} runs in {len(route.hops)} stage(s), so its cuts are "
+                              f"0..{len(route.hops) - 2}; there is no cut {cut}")
+        worker = route.hops[cut].worker
+        body = {"model": model, "hop": cut, "plan": route.plan, "link": P.body_get(msg.body, "link", dict)}
+        if not send(self.sock, P.encode(Msg.LINK, msg.rid, msg.budget_ms, {"body": body}),
+                    route=[self.workers[worker].ident]):
+            raise DeployError(f"worker {worker}'s control queue is full; try again")
+        self.link_orders[msg.rid] = (ident, worker, time.monotonic() + msg.budget_ms / 1000.0)
+
     def _manifest(self, model: str) -> ModelManifest:
         if model not in self.store.list_models():
             raise UnknownModel(f"model {model!r} is not in the coordinator's store {self.store.root}; known: "
@@ -446,7 +477,7 @@ class Coordinator:
     _HANDLERS = {
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
-        Msg.MODELS: _on_models, Msg.PLAN: _on_plan,
+        Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link,
     }
 
 

@@ -14,10 +14,19 @@ other); otherwise it is a registered kind without weights (``create_codec``, e.g
 "identity" for fp16/int8 casts). The codec's name travels in each message (``cod``), so a
 receiver refuses an activation encoded for another link. The first link (client -> stage 0)
 and the last (last stage -> client) stay raw.
+
+The budget is the sender's alone (the receiver reads the kept channels from each message's
+header), so it changes on a live cluster without a redeploy: ``Client.set_link`` sends a
+LINK order through the coordinator to the cut's sending worker, which swaps the stage's
+``LinkSpec`` between two requests. With ``rate`` set (bytes/s the coordinator allocated to
+the link), the sender picks the budget per transfer by ``compression.plan_transfer``: the
+largest budget up to ``budget`` (None: full width) whose message fits in
+``rate x share x`` the request's remaining time.
 """
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -46,15 +55,27 @@ class LinkSpec:
     """The codec settings of one cut, as a plan carries them."""
 
     codec: str = RAW  # "raw", a name in manifest.extra["codecs"], or a registered codec kind
-    budget: int | None = None  # channels kept (None = full width)
+    budget: int | None = None  # channels kept (None = full width); with ``rate``, the most kept
     wire_dtype: str | None = None  # "fp32", "fp16" or "int8" (default DEFAULT_WIRE_DTYPE)
+    rate: float | None = None  # bytes/s allocated to this link: the budget then follows it per transfer
+    share: float = 0.5  # with ``rate``: the fraction of a request's remaining time this transfer may take
 
     @property
     def is_raw(self) -> bool:
         return self.codec == RAW
 
     def to_msg(self) -> dict[str, Any]:
-        return {"codec": self.codec, "budget": self.budget, "wire_dtype": self.wire_dtype}
+        return {"codec": self.codec, "budget": self.budget, "wire_dtype": self.wire_dtype, "rate": self.rate,
+                "share": self.share}
+
+    def changed(self, changes: Any) -> "LinkSpec":
+        """This spec with ``changes`` (a LINK order's map) applied; the codec itself cannot change live."""
+        if not isinstance(changes, dict) or not set(changes) <= {"codec", "budget", "wire_dtype", "rate", "share"}:
+            raise ProtocolError("bad message: a link change is a map of budget, wire_dtype, rate and share")
+        if changes.get("codec", self.codec) != self.codec:
+            raise ConfigError(f"a link's codec cannot change live ({self.codec!r} -> {changes['codec']!r}): "
+                              "the receiver has to load it; redeploy with the new codec")
+        return LinkSpec.from_msg({**self.to_msg(), **changes})
 
     @classmethod
     def from_msg(cls, v: Any) -> "LinkSpec":
@@ -67,7 +88,13 @@ class LinkSpec:
             raise ProtocolError("bad message: link budget must be a positive int or None")
         if wd is not None and (not isinstance(wd, str) or len(wd) > 16):
             raise ProtocolError("bad message: wire_dtype must be a short string")
-        return cls(v.get("codec", RAW), budget, wd)
+        rate, share = v.get("rate"), v.get("share", 0.5)
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+                                 or not math.isfinite(rate) or rate <= 0):
+            raise ProtocolError("bad message: link rate must be a positive number of bytes/s or None")
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+            raise ProtocolError("bad message: link share must be a number in (0, 1]")
+        return cls(v.get("codec", RAW), budget, wd, None if rate is None else float(rate), float(share))
 
 
 def _compression() -> Any:
@@ -109,11 +136,46 @@ def create_link_codec(spec: LinkSpec, manifest: ModelManifest | None = None, sto
     return comp.create_codec(spec.codec).to(device)
 
 
-def encode_link(codec: LinkCodec | None, spec: LinkSpec, y: torch.Tensor) -> tuple[dict[str, Any], list[Any]]:
-    """Sender side of a link: (codec metadata for ``cmeta``, payload frames)."""
+def check_link(codec: LinkCodec | None, spec: LinkSpec) -> None:
+    """Refuse settings the link's codec cannot send (before they reach a request).
+
+    Raises:
+        ConfigError: a budget or wire dtype on a raw link, or one the codec does not serve.
+    """
+    if codec is None:
+        if spec.budget is not None or spec.wire_dtype is not None or spec.rate is not None:
+            raise ConfigError("this link is raw (no codec): budgets, wire dtypes and rates need a codec; "
+                              "deploy the plan with a codec on this cut")
+        return
+    budgets = tuple(getattr(codec, "budgets", ()))
+    if spec.budget is not None and spec.budget not in budgets:
+        raise ConfigError(f"link codec {spec.codec!r} serves budgets {list(budgets)} (or None = full width), "
+                          f"not {spec.budget}")
+    if spec.wire_dtype is not None and spec.wire_dtype not in _compression().WIRE_DTYPES:
+        raise ConfigError(f"wire dtype {spec.wire_dtype!r} is not one of {sorted(_compression().WIRE_DTYPES)}")
+
+
+def link_budget(codec: Any, spec: LinkSpec, shape: Sequence[int], remaining_s: float) -> int | None:
+    """The budget of one transfer: ``spec.budget``, or with ``spec.rate`` the policy's choice up to it."""
+    if spec.rate is None or not getattr(codec, "budgets", ()):
+        return spec.budget
+    candidates = [b for b in codec.budgets if spec.budget is None or b <= spec.budget]
+    candidates += [None] if spec.budget is None else []
+    sizes = codec.bytes_per_budget(shape, spec.wire_dtype or DEFAULT_WIRE_DTYPE)
+    return _compression().choose_budget(spec.rate, max(0.0, remaining_s) * spec.share, candidates, sizes)
+
+
+def encode_link(codec: LinkCodec | None, spec: LinkSpec, y: torch.Tensor,
+                remaining_s: float = math.inf) -> tuple[dict[str, Any], list[Any]]:
+    """Sender side of a link: (codec metadata for ``cmeta``, payload frames).
+
+    Args:
+        remaining_s: time left to the request's deadline (used when the link follows a rate).
+    """
     if codec is None:
         return {}, [y]
-    return codec.encode(y, budget=spec.budget, wire_dtype=spec.wire_dtype or DEFAULT_WIRE_DTYPE)
+    budget = link_budget(codec, spec, tuple(y.shape), remaining_s)
+    return codec.encode(y, budget=budget, wire_dtype=spec.wire_dtype or DEFAULT_WIRE_DTYPE)
 
 
 def decode_link(codec: LinkCodec | None, spec: LinkSpec, cod: str, cmeta: dict[str, Any],

@@ -83,6 +83,7 @@ class Msg(IntEnum):
     PLAN = 15  # client -> coordinator: deploy a plan; the reply carries the new route
     MODELS = 16  # client -> coordinator: models in its store
     NOTICE = 17  # coordinator -> clients and workers: a worker was lost
+    LINK = 18  # client -> coordinator -> a cut's sending worker: change the link's settings live; reply: the new ones
 
 
 class Err(IntEnum):
@@ -204,6 +205,7 @@ REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
     Msg.CHUNK: frozenset({"body", "ten"}),
     Msg.ROUTE: frozenset({"mdl"}),
     Msg.READY: frozenset({"body"}),
+    Msg.LINK: frozenset({"body"}),
 }
 TRACE_FIELDS = ("hop", "worker", "t_recv", "t_start", "t_end", "t_send", "bytes_out")
 

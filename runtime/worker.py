@@ -51,7 +51,7 @@ from . import protocol as P
 from .cache import BlockCache
 from .config import opt
 from .errors import BadInput, ConfigError, ProtocolError, RuntimeFailure
-from .links import LinkCodec, LinkSpec, codec_block, create_link_codec, decode_link, encode_link
+from .links import LinkCodec, LinkSpec, check_link, codec_block, create_link_codec, decode_link, encode_link
 from .liveness import Backoff
 from .protocol import Err, Msg
 from .telemetry import Telemetry
@@ -357,6 +357,8 @@ class Worker:
             self._start_deploy(sock, msg)
         elif t == Msg.CHUNK:
             self._on_chunk(sock, msg)
+        elif t == Msg.LINK:
+            self._on_link(sock, msg)
         elif t == Msg.NOTICE:
             lost = msg.body.get("lost_endpoint")
             if isinstance(lost, str):
@@ -374,6 +376,27 @@ class Worker:
     def _reply(self, sock: zmq.Socket, frames: list[Any]) -> None:
         if not send(sock, frames):
             self.log.warning("W: coordinator queue full; reply dropped (it will time out)")
+
+    def _on_link(self, sock: zmq.Socket, msg: P.Message) -> None:
+        """A LINK order: new settings for the output link of a hosted stage, from the next request on."""
+        body = msg.body
+        model, hop = P.body_get(body, "model", str), P.body_get(body, "hop", int)
+        stage = self.stages.get((model, hop))
+        if stage is None or P.body_get(body, "plan", int, stage.info.plan) != stage.info.plan:
+            self._reply(sock, P.encode_error(msg.rid, Err.NOT_DEPLOYED, f"worker {self.name} does not host stage "
+                                             f"{hop} of {model} (plan {body.get('plan')})"))
+            return
+        try:
+            new = stage.link_out.changed(body.get("link"))
+            check_link(stage.codec_out, new)
+        except (ProtocolError, ConfigError) as e:
+            self._reply(sock, P.encode_error(msg.rid, Err.BAD_INPUT, f"worker {self.name}, cut after stage {hop} "
+                                             f"of {model}: {e}"))
+            return
+        stage.link_out = new  # one attribute swap: a request in compute uses the old spec or the new one
+        self.log.info("link after stage %d of %s now %s", hop, model, new.to_msg())
+        self._reply(sock, P.encode(Msg.LINK, msg.rid, 0, {"body": {"model": model, "hop": hop,
+                                                                     "link": new.to_msg()}}))
 
     # --- control: deploy ---------------------------------------------------------------------
     def _start_deploy(self, sock: zmq.Socket, msg: P.Message) -> None:
@@ -492,6 +515,7 @@ class Worker:
                 module(torch.zeros(1, *in_shape, device=self.device))  # warm-up: first-call allocations
             codec_in = create_link_codec(link_in, d.manifest, self.store, self.device)
             codec_out = create_link_codec(link_out, d.manifest, self.store, self.device)
+            check_link(codec_out, link_out)
             out.append(Stage(info, module.eval(), [b.id for b in entries], in_shape, link_in, link_out,
                              codec_in, codec_out))
         return out
@@ -550,7 +574,7 @@ class Worker:
             x = x.to(self.device, non_blocking=True)
             with torch.inference_mode():
                 y = stage.module(x)
-            cmeta, payload = encode_link(stage.codec_out, stage.link_out, y)
+            cmeta, payload = encode_link(stage.codec_out, stage.link_out, y, job.deadline - time.monotonic())
         except (RuntimeFailure, EdgesplitError) as e:
             self.stats.add(key, None)
             return _Done(job, stage, error=(Err.BAD_INPUT, str(e)))

@@ -21,7 +21,7 @@ EDGESPLIT = [sys.executable, "-m", "edgesplit.runtime.cli"]
 def test_top_level_help_lists_commands_without_importing_torch():
     out = subprocess.run([*EDGESPLIT, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
-    for name in ("demo", "up", "worker", "coordinator", "infer", "workers", "partition", "inspect"):
+    for name in ("demo", "up", "worker", "coordinator", "infer", "workers", "link", "partition", "inspect"):
         assert name in out.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys; from edgesplit.runtime.cli import build_parser; "
                             "build_parser(); print('torch' in sys.modules)"], capture_output=True, text=True, timeout=30)
@@ -29,7 +29,7 @@ def test_top_level_help_lists_commands_without_importing_torch():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", ["worker", "coordinator", "infer", "up", "demo", "workers"])
+@pytest.mark.parametrize("command", ["worker", "coordinator", "infer", "up", "demo", "workers", "link"])
 def test_every_option_is_explained(command):
     parser = cli.build_parser(command)
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]

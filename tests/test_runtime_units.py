@@ -14,7 +14,7 @@ from edgesplit.runtime import protocol as P
 from edgesplit.runtime.cache import BlockCache
 from edgesplit.runtime.config import add_arguments, from_args, from_mapping, load_file, parse_size
 from edgesplit.runtime.errors import ConfigError, DeployError, ProtocolError
-from edgesplit.runtime.links import LinkSpec, create_link_codec, decode_link, encode_link
+from edgesplit.runtime.links import LinkSpec, check_link, create_link_codec, decode_link, encode_link, link_budget
 from edgesplit.runtime.liveness import Backoff, PeerTable
 from edgesplit.runtime.plan import PlannedStage, balanced_splits, check_plan
 from edgesplit.runtime.transport import PeerLinks, SocketOptions, router
@@ -169,6 +169,37 @@ def test_link_seam_raw_and_compression_codecs():
         LinkSpec.from_msg({"codec": "x", "budget": -1})
     with pytest.raises(ConfigError, match="unknown"):
         create_link_codec(LinkSpec("no-such-codec"))
+
+
+@pytest.mark.timeout(30)
+def test_link_changes_and_rate_following_budget():
+    from edgesplit.compression import create_codec
+
+    codec = create_codec("tokens", dim=64).eval()
+    spec = LinkSpec("tokens", None, "int8")
+    assert spec.changed({"budget": 8}) == LinkSpec("tokens", 8, "int8")
+    assert LinkSpec.from_msg(spec.changed({"rate": 5e5, "share": 0.25}).to_msg()).rate == 5e5
+    for bad in ({"budget": 0}, {"rate": -1.0}, {"rate": float("inf")}, {"share": 0}, {"share": 2}, {"colour": 1}, [1]):
+        with pytest.raises(ProtocolError):
+            spec.changed(bad)
+    with pytest.raises(ConfigError, match="cannot change live"):
+        spec.changed({"codec": "identity"})
+    check_link(codec, spec.changed({"budget": 16}))
+    with pytest.raises(ConfigError, match="budgets"):
+        check_link(codec, spec.changed({"budget": 12}))
+    with pytest.raises(ConfigError, match="raw"):
+        check_link(None, LinkSpec(budget=8))
+    # with a rate the budget follows it: the largest message that fits rate x share x remaining time
+    x = torch.randn(1, 17, 64)
+    sizes = codec.bytes_per_budget(x.shape, "int8")
+    fast = spec.changed({"rate": 1e9})
+    assert link_budget(codec, fast, x.shape, 1.0) is None  # everything fits: full width
+    assert link_budget(codec, fast.changed({"budget": 16}), x.shape, 1.0) == 16  # the cap
+    tight = spec.changed({"rate": sizes[8] / 0.5, "share": 0.5})  # exactly b=8's message in 1 s x 0.5
+    assert link_budget(codec, tight, x.shape, 1.0) == 8
+    assert link_budget(codec, tight, x.shape, 0.0) == min(codec.budgets)  # nothing fits: the cheapest
+    header, frames = encode_link(codec, tight, x, 1.0)
+    assert len(header["kept"]) == 8
 
 
 # --- outboxes and back-pressure ------------------------------------------------------------
