@@ -1,0 +1,158 @@
+"""A bandwidth-limited link between two boards, for real: a network namespace, a veth pair, tc tbf.
+
+The coordinator, worker w0 and the client live in this namespace on 10.x.0.1; worker "far"
+lives in a namespace of its own on 10.x.0.2, and everything sent towards it passes a token
+bucket of ``RATE_BYTES_PER_S``. A ViT cut between w0 and far carries a token codec. The
+test changes the link's budget live and sees requests get faster by about what the bytes
+say, then lets the budget follow the allocated rate under a deadline.
+
+Needs root, ``ip netns`` and ``tc``; skips with the reason elsewhere. Traffic goes only to
+the namespace this test creates.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+RATE_BYTES_PER_S = 2_500_000  # tbf 20 mbit
+BURST_BYTES = 32 * 1024
+TAG = f"es{os.getpid() % 100000}"
+SUBNET = 10 + os.getpid() % 200  # 10.77.SUBNET.x: not the addresses of a parallel run
+
+
+def _sh(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
+
+
+def _netns_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for ip netns / tc"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs the ip and tc commands (iproute2)"
+    probe = _sh("ip", "netns", "add", f"{TAG}probe")
+    if probe.returncode != 0:
+        return f"ip netns does not work here: {probe.stderr.strip()[:200]}"
+    _sh("ip", "netns", "del", f"{TAG}probe")
+    return None
+
+
+@pytest.fixture(scope="module")
+def far_link():
+    """(near address, far address, namespace): a veth pair, far end in a namespace, tbf towards it."""
+    reason = _netns_reason()
+    if reason:
+        pytest.skip(reason)
+    ns, near_if, far_if = f"{TAG}ns", f"{TAG}a", f"{TAG}b"
+    near, far = f"10.77.{SUBNET}.1", f"10.77.{SUBNET}.2"
+    steps = [
+        ("ip", "netns", "add", ns),
+        ("ip", "link", "add", near_if, "type", "veth", "peer", "name", far_if),
+        ("ip", "link", "set", far_if, "netns", ns),
+        ("ip", "addr", "add", f"{near}/24", "dev", near_if),
+        ("ip", "link", "set", near_if, "up"),
+        ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{far}/24", "dev", far_if),
+        ("ip", "netns", "exec", ns, "ip", "link", "set", far_if, "up"),
+        ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"),
+        ("tc", "qdisc", "add", "dev", near_if, "root", "tbf", "rate", f"{RATE_BYTES_PER_S * 8}bit",
+         "burst", str(BURST_BYTES), "latency", "400ms"),
+    ]
+    try:
+        for step in steps:
+            r = _sh(*step)
+            if r.returncode != 0:
+                pytest.skip(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
+        yield near, far, ns
+    finally:
+        _sh("ip", "link", "del", near_if)
+        _sh("ip", "netns", "del", ns)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_store(tmp_path_factory):
+    """A 4-block ViT (224 px, 197 tokens x 192) and an untrained token codec on its cut after block 2."""
+    import timm
+
+    from edgesplit.compression import create_codec, save_codec
+    from edgesplit.partitioner import BlockStore, ModelManifest, partition, timm_recipe
+
+    root = tmp_path_factory.mktemp("netns-store")
+    store = BlockStore(root)
+    torch.manual_seed(0)
+    recipe = timm_recipe("vit_tiny_patch16_224", depth=4)
+    model = timm.create_model(recipe["arch"], pretrained=False, **recipe["kwargs"]).eval()
+    man = partition(model, "vit4", recipe, store, profile=False)
+    codec = create_codec("tokens", dim=192).eval()
+    store.put_manifest(ModelManifest(**{**man.__dict__, "extra": {"codecs": {"cut": save_codec(store, codec)}}}))
+    return root, store.manifest("vit4"), codec
+
+
+@pytest.mark.timeout(240)
+def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path):
+    from edgesplit.runtime import Client, ClientConfig, LocalCluster, LocalClusterConfig
+
+    near, far, ns = far_link
+    root, man, codec = tiny_vit_store
+    cut = 3  # embed + 2 blocks on w0, the rest behind the slow link
+    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
+    with LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1), store=root) as lc:
+        far_log = open(tmp_path / "far.log", "wb")
+        far_proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
+             lc.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / "far"),
+             "--torch-threads", "1"], stdout=far_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            cl = Client(ClientConfig(coordinator=lc.endpoint, timeout_ms=60_000))
+            cl.wait_for_workers(2, timeout_s=30)
+            cl.deploy("vit4", stages=[("w0", 0, cut), ("far", cut, man.n_blocks)],
+                      links=[{"codec": "cut", "budget": None, "wire_dtype": "fp32"}])
+            x = torch.randn(1, 3, 224, 224)
+
+            def run(n: int = 8, **kw) -> tuple[float, float, int]:
+                """Median end-to-end and link seconds (w0's send to far's receipt, traced), bytes on the cut."""
+                total, link, nbytes = [], [], 0
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    f = cl.submit("vit4", x, trace=True, **kw)
+                    f.result(timeout=60)
+                    total.append(time.perf_counter() - t0)
+                    near_hop, far_hop = f.info.trace[0], f.info.trace[1]
+                    link.append(far_hop[2] - near_hop[5])  # t_recv there - t_send here (one host clock)
+                    nbytes = near_hop[6]
+                return statistics.median(total), statistics.median(link), nbytes
+
+            slow_s, slow_link_s, full_bytes = run()
+            assert full_bytes == 197 * 192 * 4
+            # the token bucket really limits the link (its 32 kB burst goes at once)
+            assert slow_link_s >= 0.8 * (full_bytes - BURST_BYTES) / RATE_BYTES_PER_S
+
+            cl.set_link("vit4", 0, budget=8, wire_dtype="int8")
+            fast_s, fast_link_s, small_bytes = run()
+            print(f"\nslow link: full fp32 {full_bytes} B: p50 {slow_s * 1e3:.1f} ms, link {slow_link_s * 1e3:.1f} ms; "
+                  f"b=8 int8 {small_bytes} B: p50 {fast_s * 1e3:.1f} ms, link {fast_link_s * 1e3:.1f} ms")
+            assert small_bytes * 50 < full_bytes
+            assert fast_link_s < slow_link_s / 10 and fast_s < slow_s
+
+            # the budget follows the allocated rate: a quarter of the link, a 300 ms deadline and half of
+            # the time left for this transfer allow at most 625 kB/s x 0.15 s = 94 kB, so full width fp32
+            # (151 kB) does not fit but 64 of the 192 channels (50 kB) do
+            cl.set_link("vit4", 0, budget=None, wire_dtype="fp32", rate=RATE_BYTES_PER_S / 4, share=0.5)
+            _, _, nbytes = run(n=3, timeout_ms=300)
+            print(f"rate-following at 625 kB/s, 300 ms deadline: {nbytes} B per transfer")
+            assert small_bytes < nbytes <= RATE_BYTES_PER_S / 4 * 0.300 * 0.5, nbytes
+        finally:
+            cl.close()
+            far_proc.terminate()
+            try:
+                far_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                far_proc.kill()
+            far_log.close()
