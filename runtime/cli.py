@@ -97,9 +97,9 @@ def _add_link(p: argparse.ArgumentParser) -> None:
                    help="channels kept on the link (one of the codec's budgets), or 'full' for full width; with "
                         "--rate, the most kept")
     p.add_argument("--wire-dtype", choices=["fp32", "fp16", "int8"], default=None, help="values on the wire")
-    p.add_argument("--rate", default=None, metavar="BYTES_PER_S|off",
-                   help="bytes/s allocated to the link: the sender then picks the budget per transfer to fit "
-                        "it; 'off' returns to the fixed budget")
+    p.add_argument("--rate", default=None, metavar="BYTES_PER_S|measured|off",
+                   help="bytes/s allocated to the link, or 'measured' (the sending worker's own measurement): the "
+                        "sender then picks the budget per transfer to fit it; 'off' returns to the fixed budget")
     p.add_argument("--share", type=float, default=None,
                    help="with --rate: fraction (0, 1] of a request's remaining time the transfer may take")
     _add_client(p)
@@ -114,9 +114,10 @@ def _run_link(args: argparse.Namespace) -> int:
         if args.budget is not None:
             changes["budget"] = None if args.budget == "full" else int(args.budget)
         if args.rate is not None:
-            changes["rate"] = None if args.rate == "off" else float(args.rate)
+            changes["rate"] = {"off": None, "measured": "measured"}[args.rate] if args.rate in ("off", "measured") \
+                else float(args.rate)
     except ValueError:
-        raise ConfigError(f"--budget takes an integer or 'full', --rate a number or 'off' "
+        raise ConfigError(f"--budget takes an integer or 'full', --rate a number, 'measured' or 'off' "
                           f"(got {args.budget!r}, {args.rate!r})") from None
     if args.wire_dtype is not None:
         changes["wire_dtype"] = args.wire_dtype

@@ -229,7 +229,8 @@ class Client:
             cut: which link, 0 = between stage 0 and stage 1.
             changes: any of ``budget`` (channels kept, None = full width; with ``rate``: the most
                 kept), ``wire_dtype`` ("fp32", "fp16", "int8"), ``rate`` (bytes/s allocated to the
-                link, so the sender picks the budget per transfer; None = fixed budget) and
+                link, or "measured" for the sender's own measurement, so the sender picks the
+                budget per transfer; None = fixed budget) and
                 ``share`` (fraction of a request's remaining time the transfer may take).
         Returns:
             The link's settings now (``{"codec", "budget", "wire_dtype", "rate", "share"}``).

@@ -21,7 +21,8 @@ LINK order through the coordinator to the cut's sending worker, which swaps the 
 ``LinkSpec`` between two requests. With ``rate`` set (bytes/s the coordinator allocated to
 the link), the sender picks the budget per transfer by ``compression.plan_transfer``: the
 largest budget up to ``budget`` (None: full width) whose message fits in
-``rate x share x`` the request's remaining time.
+``rate x share x`` the request's remaining time. ``rate="measured"`` uses the rate the
+sending worker measures on that link (:class:`RateMeter`, from its sends and their ACKs).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from edgesplit.partitioner import BlockStore, ModelManifest
 from .errors import ConfigError, ProtocolError
 
 RAW = "raw"
+MEASURED = "measured"  # LinkSpec.rate: follow the rate the sender measures on the link
 DEFAULT_WIRE_DTYPE = "fp16"  # what a named codec sends when the plan does not say
 
 
@@ -57,7 +59,7 @@ class LinkSpec:
     codec: str = RAW  # "raw", a name in manifest.extra["codecs"], or a registered codec kind
     budget: int | None = None  # channels kept (None = full width); with ``rate``, the most kept
     wire_dtype: str | None = None  # "fp32", "fp16" or "int8" (default DEFAULT_WIRE_DTYPE)
-    rate: float | None = None  # bytes/s allocated to this link: the budget then follows it per transfer
+    rate: float | str | None = None  # bytes/s allocated, or "measured": the budget then follows it per transfer
     share: float = 0.5  # with ``rate``: the fraction of a request's remaining time this transfer may take
 
     @property
@@ -89,12 +91,12 @@ class LinkSpec:
         if wd is not None and (not isinstance(wd, str) or len(wd) > 16):
             raise ProtocolError("bad message: wire_dtype must be a short string")
         rate, share = v.get("rate"), v.get("share", 0.5)
-        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
-                                 or not math.isfinite(rate) or rate <= 0):
-            raise ProtocolError("bad message: link rate must be a positive number of bytes/s or None")
+        if rate is not None and rate != MEASURED and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+                                                      or not math.isfinite(rate) or rate <= 0):
+            raise ProtocolError(f"bad message: link rate must be a positive number of bytes/s, {MEASURED!r} or None")
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
             raise ProtocolError("bad message: link share must be a number in (0, 1]")
-        return cls(v.get("codec", RAW), budget, wd, None if rate is None else float(rate), float(share))
+        return cls(v.get("codec", RAW), budget, wd, rate if rate in (None, MEASURED) else float(rate), float(share))
 
 
 def _compression() -> Any:
@@ -155,26 +157,56 @@ def check_link(codec: LinkCodec | None, spec: LinkSpec) -> None:
         raise ConfigError(f"wire dtype {spec.wire_dtype!r} is not one of {sorted(_compression().WIRE_DTYPES)}")
 
 
-def link_budget(codec: Any, spec: LinkSpec, shape: Sequence[int], remaining_s: float) -> int | None:
-    """The budget of one transfer: ``spec.budget``, or with ``spec.rate`` the policy's choice up to it."""
-    if spec.rate is None or not getattr(codec, "budgets", ()):
+class RateMeter:
+    """The rate of one outgoing link, measured from sends and their ACKs (bytes/s, EWMA).
+
+    A transfer starts at its send, or at the previous ACK from the same peer when that came
+    later (the link was still busy with the message before), and ends at its ACK. Messages
+    under ``min_bytes`` time the round trip rather than the rate and are not counted, so the
+    estimate stays at the last large transfer's while only small ones go.
+    """
+
+    def __init__(self, alpha: float = 0.3, min_bytes: int = 16 * 1024) -> None:
+        self.alpha, self.min_bytes = alpha, min_bytes
+        self.rate: float | None = None  # bytes/s; None until a large enough transfer was acked
+        self._last_ack = -math.inf
+
+    def observe(self, nbytes: int, t_send: float, t_ack: float) -> None:
+        start, self._last_ack = max(t_send, self._last_ack), max(self._last_ack, t_ack)
+        if nbytes < self.min_bytes or t_ack <= start:
+            return
+        sample = nbytes / (t_ack - start)
+        self.rate = sample if self.rate is None else (1 - self.alpha) * self.rate + self.alpha * sample
+
+
+def link_budget(codec: Any, spec: LinkSpec, shape: Sequence[int], remaining_s: float,
+                measured_rate: float | None = None) -> int | None:
+    """The budget of one transfer: ``spec.budget``, or with ``spec.rate`` the policy's choice up to it.
+
+    Args:
+        measured_rate: the sender's measurement of this link (used when ``spec.rate`` is "measured";
+            None = not measured yet, so ``spec.budget`` goes).
+    """
+    rate = measured_rate if spec.rate == MEASURED else spec.rate
+    if rate is None or not getattr(codec, "budgets", ()):
         return spec.budget
     candidates = [b for b in codec.budgets if spec.budget is None or b <= spec.budget]
     candidates += [None] if spec.budget is None else []
     sizes = codec.bytes_per_budget(shape, spec.wire_dtype or DEFAULT_WIRE_DTYPE)
-    return _compression().choose_budget(spec.rate, max(0.0, remaining_s) * spec.share, candidates, sizes)
+    return _compression().choose_budget(float(rate), max(0.0, remaining_s) * spec.share, candidates, sizes)
 
 
-def encode_link(codec: LinkCodec | None, spec: LinkSpec, y: torch.Tensor,
-                remaining_s: float = math.inf) -> tuple[dict[str, Any], list[Any]]:
+def encode_link(codec: LinkCodec | None, spec: LinkSpec, y: torch.Tensor, remaining_s: float = math.inf,
+                measured_rate: float | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Sender side of a link: (codec metadata for ``cmeta``, payload frames).
 
     Args:
         remaining_s: time left to the request's deadline (used when the link follows a rate).
+        measured_rate: the sender's measured rate of the link, bytes/s (for ``rate="measured"``).
     """
     if codec is None:
         return {}, [y]
-    budget = link_budget(codec, spec, tuple(y.shape), remaining_s)
+    budget = link_budget(codec, spec, tuple(y.shape), remaining_s, measured_rate)
     return codec.encode(y, budget=budget, wire_dtype=spec.wire_dtype or DEFAULT_WIRE_DTYPE)
 
 

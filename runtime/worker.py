@@ -51,7 +51,7 @@ from . import protocol as P
 from .cache import BlockCache
 from .config import opt
 from .errors import BadInput, ConfigError, ProtocolError, RuntimeFailure
-from .links import LinkCodec, LinkSpec, check_link, codec_block, create_link_codec, decode_link, encode_link
+from .links import LinkCodec, LinkSpec, RateMeter, check_link, codec_block, create_link_codec, decode_link, encode_link
 from .liveness import Backoff
 from .protocol import Err, Msg
 from .telemetry import Telemetry
@@ -129,6 +129,8 @@ class _Kept:
     model: str
     hop: int
     deadline: float
+    nbytes: int  # payload bytes, for the link's rate meter
+    t_send: float  # monotonic
 
 
 class StageStats:
@@ -209,6 +211,7 @@ class Worker:
         self.log = logging.getLogger(f"edgesplit.worker.{self.name}")
         self.stages: dict[tuple[str, int], Stage] = {}
         self.stats = StageStats()
+        self.rates: dict[str, RateMeter] = {}  # next stages' endpoints -> measured link rate (io thread writes)
         self.telemetry = Telemetry(cfg.device)
         self.inq: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, cfg.queue_depth))
         self.outq: queue.Queue[_Done] = queue.Queue(maxsize=max(1, cfg.queue_depth))
@@ -273,7 +276,9 @@ class Worker:
                 "pid": os.getpid(), "stages": [s.info.to_msg() for s in self.stages.values()]}
 
     def _heartbeat_body(self) -> dict[str, Any]:
-        return {"stages": [s.info.to_msg() for s in self.stages.values()], "telemetry": self.telemetry.sample(),
+        rates = {f"link_rate_bps {ep}": m.rate for ep, m in list(self.rates.items()) if m.rate is not None}
+        return {"stages": [s.info.to_msg() for s in self.stages.values()],
+                "telemetry": {**self.telemetry.sample(), **rates},
                 "stats": self.stats.report(), "cache": self.cache.report(),
                 "counters": dict(self.counters), "queue": self.inq.qsize(), "kept": len(getattr(self, "_kept", ()))}
 
@@ -574,7 +579,9 @@ class Worker:
             x = x.to(self.device, non_blocking=True)
             with torch.inference_mode():
                 y = stage.module(x)
-            cmeta, payload = encode_link(stage.codec_out, stage.link_out, y, job.deadline - time.monotonic())
+            meter = self.rates.get(stage.info.next) if stage.info.next else None
+            cmeta, payload = encode_link(stage.codec_out, stage.link_out, y, job.deadline - time.monotonic(),
+                                         meter.rate if meter else None)
         except (RuntimeFailure, EdgesplitError) as e:
             self.stats.add(key, None)
             return _Done(job, stage, error=(Err.BAD_INPUT, str(e)))
@@ -733,7 +740,8 @@ class Worker:
             frames = P.encode(mtype, rid, budget_ms, fields, done.payload)
             if not self._links.send(dest, frames):
                 return False
-            self._kept[(rid, hop + 1)] = _Kept(dest, frames, rep, model, hop + 1, job.deadline + 1.0)
+            self._kept[(rid, hop + 1)] = _Kept(dest, frames, rep, model, hop + 1, job.deadline + 1.0,
+                                               sum(memoryview(f).nbytes for f in frames[2:]), time.monotonic())
             self.counters["sent"] += 1
         key = (rid, hop, msg.get("att", 0))
         if key in self._recent:
@@ -749,7 +757,10 @@ class Worker:
             return
         hop = msg.get("hop")
         if msg.type == Msg.ACK:
-            self._kept.pop((msg.rid, hop), None)
+            k = self._kept.pop((msg.rid, hop), None)
+            if k is not None and k.dest != k.rep:  # a next stage's ACK: time the link to it
+                meter = self.rates.get(k.dest) or self.rates.setdefault(k.dest, RateMeter())
+                meter.observe(k.nbytes, k.t_send, time.monotonic())
         elif msg.type == Msg.ERROR:
             k = self._kept.pop((msg.rid, hop), None)
             if k is not None:  # the next hop refused our output: the requester must hear it

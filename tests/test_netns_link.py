@@ -24,7 +24,7 @@ import torch
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 RATE_BYTES_PER_S = 2_500_000  # tbf 20 mbit
-BURST_BYTES = 32 * 1024
+BURST_BYTES = 8 * 1024  # small, so short transfers do not measure the burst instead of the rate
 TAG = f"es{os.getpid() % 100000}"
 SUBNET = 10 + os.getpid() % 200  # 10.77.SUBNET.x: not the addresses of a parallel run
 
@@ -131,7 +131,7 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path)
 
             slow_s, slow_link_s, full_bytes = run()
             assert full_bytes == 197 * 192 * 4
-            # the token bucket really limits the link (its 32 kB burst goes at once)
+            # the token bucket really limits the link (its burst goes at once)
             assert slow_link_s >= 0.8 * (full_bytes - BURST_BYTES) / RATE_BYTES_PER_S
 
             cl.set_link("vit4", 0, budget=8, wire_dtype="int8")
@@ -148,6 +148,17 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path)
             _, _, nbytes = run(n=3, timeout_ms=300)
             print(f"rate-following at 625 kB/s, 300 ms deadline: {nbytes} B per transfer")
             assert small_bytes < nbytes <= RATE_BYTES_PER_S / 4 * 0.300 * 0.5, nbytes
+
+            # w0 measures the link from its sends and their ACKs, reports it, and can follow it: 20 % of
+            # ~130 ms left at ~2.5 MB/s is ~65 kB (64 channels), well short of full width's 151 kB
+            tel = {w.name: w.telemetry for w in cl.workers()}["w0"]
+            measured = [v for k, v in tel.items() if k.startswith("link_rate_bps")]
+            print(f"w0 measured the link at {measured} B/s (tbf {RATE_BYTES_PER_S})")
+            assert len(measured) == 1 and 0.5 * RATE_BYTES_PER_S < measured[0] < 2 * RATE_BYTES_PER_S
+            cl.set_link("vit4", 0, rate="measured", share=0.2)
+            _, _, nbytes = run(n=3, timeout_ms=150)
+            print(f"following the measured rate, 150 ms deadline: {nbytes} B per transfer")
+            assert small_bytes < nbytes < full_bytes
         finally:
             cl.close()
             far_proc.terminate()

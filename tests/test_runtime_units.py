@@ -200,6 +200,25 @@ def test_link_changes_and_rate_following_budget():
     assert link_budget(codec, tight, x.shape, 0.0) == min(codec.budgets)  # nothing fits: the cheapest
     header, frames = encode_link(codec, tight, x, 1.0)
     assert len(header["kept"]) == 8
+    measured = spec.changed({"rate": "measured", "share": 0.5})
+    assert LinkSpec.from_msg(measured.to_msg()).rate == "measured"
+    assert link_budget(codec, measured, x.shape, 1.0, None) is None  # not measured yet: the spec's budget
+    assert link_budget(codec, measured, x.shape, 1.0, sizes[8] / 0.5) == 8
+    with pytest.raises(ProtocolError):
+        spec.changed({"rate": "guessed"})
+
+
+@pytest.mark.timeout(30)
+def test_rate_meter_times_back_to_back_transfers_from_the_previous_ack():
+    from edgesplit.runtime.links import RateMeter
+
+    m = RateMeter(alpha=0.5, min_bytes=1000)
+    m.observe(500, 0.0, 1.0)  # too small: a round trip, not a rate
+    assert m.rate is None
+    m.observe(100_000, 1.0, 1.1)
+    assert m.rate == pytest.approx(1e6)
+    m.observe(100_000, 1.05, 1.15)  # sent while the link was busy: it started at the previous ACK (1.1)
+    assert m.rate == pytest.approx(0.5 * 1e6 + 0.5 * 2e6)
 
 
 # --- outboxes and back-pressure ------------------------------------------------------------
