@@ -27,11 +27,12 @@ ID_HEX_CHARS = 64
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes as a view (no copy for a contiguous CPU tensor: hashing runs at sha256's speed)."""
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit words
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return memoryview(t.numpy().reshape(-1)).cast("B")  # 1-D first: cast refuses 0-d and empty shapes
 
 
 def block_id(tensors: dict[str, torch.Tensor]) -> str:

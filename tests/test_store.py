@@ -22,6 +22,27 @@ def test_block_id_is_canonical():
 
 
 @pytest.mark.timeout(60)
+def test_block_id_encoding_is_pinned_for_every_shape_and_dtype():
+    """The id is sha256 over (name, dtype, shape, raw bytes), each length-prefixed: spelled out here."""
+    import hashlib
+    import struct
+
+    def reference(tensors):
+        h = hashlib.sha256(b"edgesplit-block-v1")
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+            for part in (name.encode(), str(t.dtype).encode(), ",".join(map(str, t.shape)).encode(), raw):
+                h.update(struct.pack("<Q", len(part)) + part)
+        return h.hexdigest()
+
+    g = torch.Generator().manual_seed(0)
+    odd = {"scalar": torch.tensor(3.0), "empty": torch.zeros(2, 0, 3), "flags": torch.tensor([True, False]),
+           "bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16), "t": torch.randn(4, 5, generator=g).t(),
+           "i64": torch.arange(6), "f16": torch.randn(7, generator=g).half()}
+    assert block_id(odd) == reference(odd)
+
+
 def test_shared_blocks_stored_once(tmp_path):
     """Two ViTs sharing their first 8 transformer blocks store those blocks once."""
     torch.manual_seed(0)
