@@ -207,6 +207,12 @@ def _run_workers(args: argparse.Namespace) -> int:
         tel = w.telemetry
         print(f"{w.name:<12}{w.endpoint:<26}{w.device:<8}{w.state.value:<10}{tel.get('cpu_percent', 0):>6.0f}"
               f"{human_size(tel.get('proc_rss_bytes', 0)):>11}{w.last_seen_s:>8.1f}  {stages}")
+    links = [(w.name, k.split(" ", 1)[1], v) for w in workers for k, v in w.telemetry.items()
+             if k.startswith("link_rate_bps ")]
+    if links:
+        print(f"\n{'measured link':<42}{'rate':>12}")
+        for name, endpoint, rate in links:
+            print(f"{name + ' -> ' + endpoint:<42}{human_size(rate) + '/s':>12}")
     print(f"\n{'model':<28}{'blocks':>7}{'size':>11}  route")
     for m in models:
         print(f"{m['name']:<28}{m['n_blocks']:>7}{human_size(m['size_bytes']):>11}  "

@@ -96,7 +96,7 @@ def tiny_vit_store(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path):
+def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path, capsys):
     from edgesplit.runtime import Client, ClientConfig, LocalCluster, LocalClusterConfig
 
     near, far, ns = far_link
@@ -155,6 +155,10 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path)
             measured = [v for k, v in tel.items() if k.startswith("link_rate_bps")]
             print(f"w0 measured the link at {measured} B/s (tbf {RATE_BYTES_PER_S})")
             assert len(measured) == 1 and 0.5 * RATE_BYTES_PER_S < measured[0] < 2 * RATE_BYTES_PER_S
+            from edgesplit.runtime import cli
+            capsys.readouterr()
+            assert cli.main(["workers", "--coordinator", lc.endpoint]) == 0
+            assert f"w0 -> tcp://{far}:" in capsys.readouterr().out  # `edgesplit workers` shows the measurement
             cl.set_link("vit4", 0, rate="measured", share=0.2)
             _, _, nbytes = run(n=3, timeout_ms=150)
             print(f"following the measured rate, 150 ms deadline: {nbytes} B per transfer")
