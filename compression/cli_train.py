@@ -11,8 +11,9 @@ Examples::
     edgesplit train-codec --model vit --phases full:20,b32:5,b4:5,mix:3 --optimizer adamw --lr 1e-3 \\
         --lr-schedule cosine --store ./store
 
-The JSON written by ``--out`` holds the configuration, one record per epoch (accuracy, bytes
-sent), a budget x dtype table of the final model, and the descriptions of the stored codec
+The JSON written by ``--out`` holds the configuration, one record per evaluation point
+(accuracy, bytes sent; one per epoch unless ``--evals-per-epoch`` or fractional phases add
+more), a budget x dtype table of the final model, and the descriptions of the stored codec
 (``codec``; put it in a manifest's ``extra["codecs"]``) and split model (``model``; use it
 with ``--init``).
 """
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "--epochs, or 0 with --init)")
     s.add_argument("--phases", help="explicit phases instead of --schedule, e.g. 'b4:15,reset,full:7' or "
                                     "'full:30,b32:10,b4/int8:10,mix:3' (mix: a budget per batch, so one module "
-                                    "serves every budget)")
+                                    "serves every budget); epochs may be fractions, e.g. 'b4:11.5,reset,full:0.5'")
     s.add_argument("--wire-dtype", choices=("fp16", "int8", "fp32"), default="fp16",
                    help="dtype of activations in compressed phases; gradients go as fp16 unless this is fp32 "
                         "(default: %(default)s, as the reference)")
@@ -84,8 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--momentum", type=float, default=d.momentum,
                    help="SGD momentum: 0 in the reference's deprune runs, 0.9 in its prune runs (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
-    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
-                   help="constant (reference) or cosine decay over the run (default: %(default)s)")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine", "cosine_phase"), default=d.lr_schedule,
+                   help="constant (reference), cosine decay over the run, or cosine_phase (each phase decays "
+                        "from --lr to 0 on its own) (default: %(default)s)")
+    t.add_argument("--widen-at-reset", action="store_true",
+                   help="at a filter reset after a compressed phase (deprune), zero the decoder's weights on the "
+                        "channels that phase never sent, so widening the link keeps the model's function "
+                        "(not in the paper)")
+    t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch,
+                   help="held-out evaluations per epoch of data; phase ends are evaluated too (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (default: %(default)s)")
     t.add_argument("--shift-px", type=int, default=2, help="random-crop augmentation: pad and crop back by up to "
                                                           "this many pixels, 0 = off (default: %(default)s)")
@@ -168,12 +176,13 @@ def _run(args: argparse.Namespace) -> int:
                                  compressed_share=args.share, full_epochs=full, wire_dtype=wire_dtype)
     cfg = TrainConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, optimizer=args.optimizer,
                       batch_size=args.batch_size, eps=args.eps, delta=args.delta, seed=args.seed,
-                      shift_px=args.shift_px, lr_schedule=args.lr_schedule, progress=not args.no_progress)
+                      shift_px=args.shift_px, lr_schedule=args.lr_schedule, evals_per_epoch=args.evals_per_epoch,
+                      widen_at_reset=args.widen_at_reset, progress=not args.no_progress)
     trainer = SplitTrainer(net, data, cfg)
     eval_points = [(args.budget, "fp16")] if args.budget in net.codec.budgets else []
     records = trainer.run(phases, eval_points=eval_points, desc=f"train-codec {args.model}")
     last = records[-1]
-    print(f"{args.model}: {len(records)} epochs, final held-out accuracy {last.test_acc:.2f} % ({last.label}), "
+    print(f"{args.model}: {last.epoch} epochs, final held-out accuracy {last.test_acc:.2f} % ({last.label}), "
           f"{last.cum_bytes / 1e6:.2f} MB sent over the link")
     budgets = [None, *sorted(net.codec.budgets, reverse=True)]
     table = [{"budget": r.budget, "dtype": r.wire_dtype, "accuracy": r.accuracy, "bytes_per_sample": r.bytes_per_sample}

@@ -24,7 +24,17 @@ from edgesplit.compression import (
 from edgesplit.compression import cli_train
 from edgesplit.compression.data import Dataset, load_digits_split
 from edgesplit.compression.splitnets import create_splitnet, list_splitnets
-from edgesplit.compression.training import MIX, Phase, SplitTrainer, TrainConfig, parse_phases, schedule_phases
+from edgesplit.compression.evaluation import evaluate
+from edgesplit.compression.filters import reset_deprune
+from edgesplit.compression.training import (
+    MIX,
+    Phase,
+    SplitTrainer,
+    TrainConfig,
+    parse_phases,
+    schedule_phases,
+    widen_decoder,
+)
 from edgesplit.partitioner import BlockStore
 
 torch.set_num_threads(1)
@@ -56,11 +66,22 @@ def test_schedules_match_the_paper():
     assert parse_phases("full:3,b32/int8:2,mix:1") == [Phase(3), Phase(2, 32, "int8"), Phase(1, MIX)]
     assert [p.label for p in parse_phases("full:1,b4:1,b8/int8:1,mix:1")] == [
         "full/fp32", "b4/fp16", "b8/int8", "mix/fp16"]
-    for bad in ("b4", "x:3", "full:2,reset", "", "b4/fp64:2"):
+    # fractions of an epoch
+    assert parse_phases("b4:11.5,reset,full:0.5") == schedule_phases("deprune", 12, full_epochs=0.5)
+    assert schedule_phases("prune", 3, full_epochs=0, mid_epochs=0.25) == [Phase(0.25, 32), Phase(2.75, 4)]
+    assert parse_phases("b32:.25")[0].epochs == 0.25
+    assert parse_phases("b4:11,reset,full:1@1e-4") == schedule_phases("deprune", 12, full_epochs=1, full_lr=1e-4)
+    assert parse_phases("b4/int8:2@0.003")[0] == Phase(2, 4, "int8", lr=0.003)
+    for bad in ("b4", "x:3", "full:2,reset", "", "b4/fp64:2", "b4:0", "full:0.0"):
         with pytest.raises(CodecError):
             parse_phases(bad)
     with pytest.raises(CodecError, match="unknown schedule"):
         schedule_phases("anneal", 3)
+    for kw in ({"full_epochs": 3}, {"full_epochs": 0}):
+        with pytest.raises(CodecError, match="finish"):
+            schedule_phases("deprune", 3, **kw)
+    with pytest.raises(CodecError, match="b=32 phase"):
+        schedule_phases("prune", 2, mid_epochs=3)
 
 
 # --- split backprop -------------------------------------------------------------------------------
@@ -133,6 +154,80 @@ def test_deprune_resets_then_freezes_the_filter(digits):
     assert torch.equal(after_mix, after_full)  # frozen in uncompressed and mix phases
     labels = [r.label for r in trainer.history]
     assert labels == ["b4/fp16", "full/fp32", "mix/fp16"]
+
+
+@pytest.mark.timeout(20)
+def test_fractional_phases_and_evaluation_points(digits):
+    small = Dataset(digits.x_train[:128], digits.y_train[:128], digits.x_test[:32], digits.y_test[:32], 10)
+    net = _tiny("vgg11")
+    trainer = SplitTrainer(net, small, TrainConfig(batch_size=16, evals_per_epoch=4, progress=False))
+    recs = trainer.run(parse_phases("b16:0.25,b4:0.5,reset,full:0.375"))  # 8 steps per epoch
+    assert [r.epoch for r in recs] == [0.25, 0.5, 0.75, 1, 1.125]  # every 2 steps, and at phase ends
+    assert [r.steps for r in recs] == [2, 4, 6, 8, 9]
+    assert [r.label for r in recs] == ["b16/fp16", "b4/fp16", "b4/fp16", "full/fp32", "full/fp32"]
+    assert recs[-1].cum_bytes == sum(r.act_bytes + r.grad_bytes for r in recs)
+    # one epoch of data is one permutation, carried across phases: the same samples as one phase
+    a = SplitTrainer(_tiny("vgg11"), small, TrainConfig(batch_size=16, progress=False))
+    b = SplitTrainer(_tiny("vgg11"), small, TrainConfig(batch_size=16, evals_per_epoch=2, progress=False))
+    (ra,) = a.run(parse_phases("full:1"))
+    rb = b.run(parse_phases("full:0.25,full:0.75"))
+    assert [r.epoch for r in rb] == [0.25, 0.5, 1]
+    assert ra.train_ce == pytest.approx((2 * rb[0].train_ce + 2 * rb[1].train_ce + 4 * rb[2].train_ce) / 8, rel=1e-5)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["vgg11", "vit"])
+def test_widening_at_the_reset_keeps_the_function(digits, name):
+    cfg = (TrainConfig(lr=0.05, momentum=0.9, batch_size=32, progress=False) if name == "vgg11" else
+           TrainConfig(lr=3e-3, optimizer="adamw", batch_size=32, progress=False))
+    net = _tiny(name)
+    trainer = SplitTrainer(net, digits, cfg)
+    trainer.run(parse_phases("b4:8"))
+    at_b4 = evaluate(net, digits.x_test, digits.y_test, 4, "fp32")
+    plain = copy.deepcopy(net)
+    reset_deprune(plain.codec.filter_logits)
+    silenced = widen_decoder(net.codec, 4)
+    reset_deprune(net.codec.filter_logits)
+    assert silenced == net.codec.width - 4
+    widened = evaluate(net, digits.x_test, digits.y_test, None, "fp32")
+    assert abs(widened - at_b4) <= 2.0  # the kept channels' scale moves from sigmoid(p)^3 to ~1, nothing else
+    assert at_b4 > 40  # it learned something (chance is 10 %)
+    assert evaluate(plain, digits.x_test, digits.y_test, None, "fp32") < at_b4 - 10  # untrained channels as noise
+    # the trainer does it at a reset after a compressed phase when asked
+    net2 = _tiny(name)
+    tr2 = SplitTrainer(net2, digits, TrainConfig(batch_size=32, lr=1e-3, widen_at_reset=True, progress=False))
+    tr2.run(parse_phases("b4:0.5"))
+    kept = net2.codec.mask(4)[0]
+    tr2.run(parse_phases("reset,full:0.03"))  # one step
+    first = next(m for m in net2.codec.decoder.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ConvTranspose2d)))
+    dim = 0 if isinstance(first, torch.nn.ConvTranspose2d) else 1
+    norms = first.weight.detach().transpose(0, dim).reshape(net2.codec.width, -1).abs().sum(1)
+    others = torch.ones(net2.codec.width, dtype=torch.bool)
+    others[kept] = False
+    assert float(norms[others].max()) < 0.1 * float(norms[kept].min())  # one step from zero, not untrained
+
+
+@pytest.mark.timeout(10)
+def test_cosine_per_phase_restarts_the_learning_rate(digits):
+    small = Dataset(digits.x_train[:64], digits.y_train[:64], digits.x_test[:32], digits.y_test[:32], 10)
+    seen = []
+    for schedule in ("cosine", "cosine_phase"):
+        trainer = SplitTrainer(_tiny("vgg11"), small, TrainConfig(batch_size=16, lr=0.1, lr_schedule=schedule,
+                                                                   progress=False))
+        lrs = []
+        orig = trainer._step
+        trainer._step = lambda *a, **k: (lrs.append(trainer.opt_server.param_groups[0]["lr"]), orig(*a, **k))[1]
+        trainer.run(parse_phases("b4:1,full:1"))  # 4 steps each
+        seen.append(lrs)
+    assert seen[0][0] == pytest.approx(0.1) and seen[0][4] < 0.06  # one decay over both phases
+    assert seen[1][0] == pytest.approx(0.1) and seen[1][4] == pytest.approx(0.1)  # each phase from lr
+    trainer = SplitTrainer(_tiny("vgg11"), small, TrainConfig(batch_size=16, lr=0.1, progress=False))
+    trainer.run(parse_phases("b4:1,full:1@0.002"))  # a phase's own learning rate (constant schedule)
+    assert trainer.opt_client.param_groups[0]["lr"] == pytest.approx(0.002)
+    trainer.run(parse_phases("full:1"))
+    assert trainer.opt_client.param_groups[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(CodecError, match="lr schedule"):
+        SplitTrainer(_tiny("vgg11"), small, TrainConfig(lr_schedule="step", progress=False)).run(parse_phases("full:1"))
 
 
 @pytest.mark.timeout(30)

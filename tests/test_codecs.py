@@ -386,9 +386,9 @@ def test_budget_norm_keeps_statistics_per_budget():
     from edgesplit.compression.budget_norm import BudgetNorm
 
     torch.manual_seed(4)
-    norm, plain = BudgetNorm(6, (4, 8)), torch.nn.BatchNorm1d(6)
+    norm, plain = BudgetNorm(6, (4, 8), warmup=False), torch.nn.BatchNorm1d(6)
     a, b = torch.randn(32, 6) * 3 + 1, torch.randn(32, 6) * 0.1
-    assert torch.allclose(norm(a, None), plain(a), atol=1e-6)  # one budget: plain batch norm
+    assert torch.allclose(norm(a, None), plain(a), atol=1e-6)  # one budget, no warm-up: plain batch norm
     assert torch.allclose(norm.running_mean[0], plain.running_mean) and torch.allclose(norm.running_var[0], plain.running_var)
     norm(b, 4)
     assert torch.allclose(norm.running_mean[0], plain.running_mean)  # full-width statistics untouched
@@ -399,3 +399,30 @@ def test_budget_norm_keeps_statistics_per_budget():
     assert torch.allclose(norm(a, None), plain(a), atol=1e-6)
     with pytest.raises(ValueError):
         norm(a, 16)
+
+
+@pytest.mark.timeout(10)
+def test_budget_norm_statistics_warm_up_per_row():
+    """A row's first batches set its statistics as a cumulative average, then it averages exponentially."""
+    from edgesplit.compression.budget_norm import BudgetNorm
+
+    torch.manual_seed(5)
+    norm = BudgetNorm(3, (4,), momentum=0.1)
+    small = [torch.randn(64, 3) * 1e-2 + 5 for _ in range(3)]
+    for x in small:
+        norm(x, 4)
+    mean = torch.stack([x.mean(0) for x in small]).mean(0)
+    assert torch.allclose(norm.running_mean[1], mean, atol=1e-5)  # not 0.27 x mean, as a cold EMA gives
+    assert float(norm.running_var[1].max()) < 1e-3  # not ~0.73 left over from the initial 1
+    assert norm.batches_seen.tolist() == [0, 3]
+    assert torch.equal(norm.running_mean[0], torch.zeros(3))  # other rows untouched
+    before = norm.running_mean[1].clone()
+    for _ in range(20):  # a cumulative average up to 1/momentum = 10 batches, then exponential averaging
+        norm(torch.full((8, 3), 7.0) + torch.randn(8, 3) * 1e-3, 4)
+    after_ten = (3 * before + 7 * 7.0) / 10
+    assert torch.allclose(norm.running_mean[1], 7 + (after_ten - 7) * 0.9 ** 13, atol=1e-3)
+    # state dicts from before the warm-up buffer load; rows at their initial values count as unseen
+    old = {k: v for k, v in norm.state_dict().items() if k != "batches_seen"}
+    back = BudgetNorm(3, (4,))
+    back.load_state_dict(old)
+    assert back.batches_seen[0] == 0 and back.batches_seen[1] > 1000
