@@ -70,7 +70,7 @@ MODELS = {
         "net": {"patch_px": 8, "dim": 128, "depth": 6, "heads": 4, "mlp_ratio": 2.0, "cut": 3},
         "train": {"lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "shift_px": 2,
                   "lr_schedule": "cosine", "evals_per_epoch": 4, "widen_at_reset": True},
-        "epochs": 30, "deprune_full": 2,
+        "epochs": 30, "deprune_full": 4,
         "prune": {"epochs": 9, "mid_epochs": 0.25, "train": {"lr": 5e-4}}, "mix_epochs": 6,
         "extra_seeds": 2,
     },
