@@ -151,8 +151,13 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
 
             # w0 measures the link from its sends and their ACKs, reports it, and can follow it: 20 % of
             # ~130 ms left at ~2.5 MB/s is ~65 kB (64 channels), well short of full width's 151 kB
-            tel = {w.name: w.telemetry for w in cl.workers()}["w0"]
-            measured = [v for k, v in tel.items() if k.startswith("link_rate_bps")]
+            deadline = time.monotonic() + 5.0  # the next heartbeat (every 1 s) carries the measurement
+            while True:
+                tel = {w.name: w.telemetry for w in cl.workers()}["w0"]
+                measured = [v for k, v in tel.items() if k.startswith("link_rate_bps")]
+                if measured or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             print(f"w0 measured the link at {measured} B/s (tbf {RATE_BYTES_PER_S})")
             assert len(measured) == 1 and 0.5 * RATE_BYTES_PER_S < measured[0] < 2 * RATE_BYTES_PER_S
             from edgesplit.runtime import cli
