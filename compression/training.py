@@ -103,7 +103,7 @@ def parse_phases(spec: str) -> list[Phase]:
         if epochs <= 0:
             raise CodecError(f"phase {item!r} in {spec!r} must last more than 0 epochs")
         lr = float(m.group(5)) if m.group(5) else None
-        phases.append(Phase(int(epochs) if epochs.is_integer() else epochs, budget, m.group(3), reset, lr))
+        phases.append(Phase(_tidy(epochs), budget, m.group(3), reset, lr))
         reset = False
     if not phases or reset:
         raise CodecError(f"phase spec {spec!r} must hold at least one phase and may not end with reset")

@@ -108,14 +108,16 @@ def _add_link(p: argparse.ArgumentParser) -> None:
 def _run_link(args: argparse.Namespace) -> int:
     from .client import Client, ClientConfig
     from .errors import ConfigError
+    from .links import MEASURED
 
     changes: dict[str, Any] = {}
     try:
         if args.budget is not None:
             changes["budget"] = None if args.budget == "full" else int(args.budget)
-        if args.rate is not None:
-            changes["rate"] = {"off": None, "measured": "measured"}[args.rate] if args.rate in ("off", "measured") \
-                else float(args.rate)
+        if args.rate == "off":
+            changes["rate"] = None
+        elif args.rate is not None:
+            changes["rate"] = args.rate if args.rate == MEASURED else float(args.rate)
     except ValueError:
         raise ConfigError(f"--budget takes an integer or 'full', --rate a number, 'measured' or 'off' "
                           f"(got {args.budget!r}, {args.rate!r})") from None

@@ -211,7 +211,8 @@ class Worker:
         self.log = logging.getLogger(f"edgesplit.worker.{self.name}")
         self.stages: dict[tuple[str, int], Stage] = {}
         self.stats = StageStats()
-        self.rates: dict[str, RateMeter] = {}  # next stages' endpoints -> measured link rate (io thread writes)
+        # next stages' endpoints -> measured link rate (the io thread adds and updates; others only .get)
+        self.rates: collections.defaultdict[str, RateMeter] = collections.defaultdict(RateMeter)
         self.telemetry = Telemetry(cfg.device)
         self.inq: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, cfg.queue_depth))
         self.outq: queue.Queue[_Done] = queue.Queue(maxsize=max(1, cfg.queue_depth))
@@ -759,8 +760,7 @@ class Worker:
         if msg.type == Msg.ACK:
             k = self._kept.pop((msg.rid, hop), None)
             if k is not None and k.dest != k.rep:  # a next stage's ACK: time the link to it
-                meter = self.rates.get(k.dest) or self.rates.setdefault(k.dest, RateMeter())
-                meter.observe(k.nbytes, k.t_send, time.monotonic())
+                self.rates[k.dest].observe(k.nbytes, k.t_send, time.monotonic())
         elif msg.type == Msg.ERROR:
             k = self._kept.pop((msg.rid, hop), None)
             if k is not None:  # the next hop refused our output: the requester must hear it

@@ -9,6 +9,20 @@ import pytest
 import torch
 
 
+def store_codec(store, model: str, name: str, codec):
+    """Store ``codec`` as a block and name it ``name`` in ``model``'s manifest; returns the new manifest.
+
+    Tests import it (``from conftest import store_codec``): a link spec can then say ``{"codec": name}``.
+    """
+    from edgesplit.compression import save_codec
+    from edgesplit.partitioner import ModelManifest
+
+    m = store.manifest(model)
+    codecs = {**m.extra.get("codecs", {}), name: save_codec(store, codec)}
+    store.put_manifest(ModelManifest(**{**m.__dict__, "extra": {**m.extra, "codecs": codecs}}))
+    return store.manifest(model)
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store holding vit_tiny_patch16_224, resnet18 (random weights, seed 0) and dummy models.

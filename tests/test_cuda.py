@@ -92,17 +92,17 @@ def test_split_on_gpu_workers_equals_unsplit(gpu_cluster, model_store, arch):
 
 @pytest.mark.timeout(300)
 def test_codec_link_between_gpu_workers(gpu_cluster, model_store):
-    from edgesplit.compression import create_codec, save_codec
-    from edgesplit.partitioner import BlockStore, ModelManifest, build_blocks
+    from conftest import store_codec
+
+    from edgesplit.compression import create_codec
+    from edgesplit.partitioner import BlockStore, build_blocks
     from edgesplit.runtime import protocol as P
 
     arch, cut = "vit_tiny_patch16_224", 7
     store = BlockStore(model_store["root"])
-    manifest = store.manifest(arch)
     torch.manual_seed(9)
     codec = create_codec("tokens", dim=192).eval()
-    store.put_manifest(ModelManifest(**{**manifest.__dict__, "extra": {
-        **manifest.extra, "codecs": {**manifest.extra.get("codecs", {}), "gpu": save_codec(store, codec)}}}))
+    manifest = store_codec(store, arch, "gpu", codec)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         h = build_blocks(store, manifest, 0, cut)(x)

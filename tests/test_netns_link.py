@@ -81,18 +81,19 @@ def tiny_vit_store(tmp_path_factory):
     """A 4-block ViT (224 px, 197 tokens x 192) and an untrained token codec on its cut after block 2."""
     import timm
 
-    from edgesplit.compression import create_codec, save_codec
-    from edgesplit.partitioner import BlockStore, ModelManifest, partition, timm_recipe
+    from conftest import store_codec
+
+    from edgesplit.compression import create_codec
+    from edgesplit.partitioner import BlockStore, partition, timm_recipe
 
     root = tmp_path_factory.mktemp("netns-store")
     store = BlockStore(root)
     torch.manual_seed(0)
     recipe = timm_recipe("vit_tiny_patch16_224", depth=4)
     model = timm.create_model(recipe["arch"], pretrained=False, **recipe["kwargs"]).eval()
-    man = partition(model, "vit4", recipe, store, profile=False)
+    partition(model, "vit4", recipe, store, profile=False)
     codec = create_codec("tokens", dim=192).eval()
-    store.put_manifest(ModelManifest(**{**man.__dict__, "extra": {"codecs": {"cut": save_codec(store, codec)}}}))
-    return root, store.manifest("vit4"), codec
+    return root, store_codec(store, "vit4", "cut", codec), codec
 
 
 @pytest.mark.timeout(240)

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 import torch
 import zmq
+from conftest import store_codec
 
 from edgesplit.runtime import protocol as P
 from edgesplit.runtime.errors import BadInput, RuntimeFailure, UnknownModel
@@ -224,16 +225,14 @@ def test_garbage_is_refused_and_the_worker_still_serves(cluster, client):
 @pytest.mark.timeout(120)
 def test_codec_links_trained_from_the_store_and_weightless(cluster, client, model_store):
     """The per-link codec seam: a stored (here untrained) tokens codec and the fp16 identity codec."""
-    from edgesplit.compression import create_codec, save_codec
-    from edgesplit.partitioner import BlockStore, ModelManifest, build_blocks
+    from edgesplit.compression import create_codec
+    from edgesplit.partitioner import BlockStore, build_blocks
 
     arch, cut = "vit_tiny_patch16_224", 7
     store = BlockStore(model_store["root"])
-    manifest = store.manifest(arch)
     torch.manual_seed(3)
     codec = create_codec("tokens", dim=192)
-    desc = save_codec(store, codec)  # one more block in the coordinator's store; workers fetch it
-    store.put_manifest(ModelManifest(**{**manifest.__dict__, "extra": {**manifest.extra, "codecs": {"cut7": desc}}}))
+    manifest = store_codec(store, arch, "cut7", codec)  # one more block in the coordinator's store; workers fetch it
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
         h = build_blocks(store, manifest, 0, cut)(x)
@@ -257,17 +256,15 @@ def test_codec_links_trained_from_the_store_and_weightless(cluster, client, mode
 @pytest.mark.timeout(120)
 def test_link_budget_changes_live_without_redeploy(cluster, client, model_store):
     """Client.set_link reaches the sending worker: the next request's frames shrink, the plan stays."""
-    from edgesplit.compression import create_codec, save_codec
-    from edgesplit.partitioner import BlockStore, ModelManifest, build_blocks
+    from edgesplit.compression import create_codec
+    from edgesplit.partitioner import BlockStore, build_blocks
     from edgesplit.runtime.errors import DeployError
 
     arch, cut = "vit_tiny_patch16_224", 7
     store = BlockStore(model_store["root"])
-    manifest = store.manifest(arch)
     torch.manual_seed(5)
     codec = create_codec("tokens", dim=192)
-    store.put_manifest(ModelManifest(**{**manifest.__dict__, "extra": {
-        **manifest.extra, "codecs": {**manifest.extra.get("codecs", {}), "live": save_codec(store, codec)}}}))
+    manifest = store_codec(store, arch, "live", codec)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(12))
     with torch.inference_mode():
         h = build_blocks(store, manifest, 0, cut)(x)
