@@ -10,17 +10,21 @@
         futures = [cl.submit("vit_tiny_patch16_224", xi) for xi in xs]   # many in flight (pipelined)
 
 The client asks the coordinator for a model's route once, then sends each input straight
-to the first stage's worker; the last stage sends the result to the client's own result
+to a first-stage worker; the last stage sends the result to the client's own result
 socket. Every request ends exactly once: a tensor, or an exception naming the reason
-(``UnknownModel``, ``BadInput``, ``WorkerLost``, ``RequestTimeout``, ...) -- never a hang:
+(``UnknownModel``, ``BadInput``, ``WorkerLost``, ``RequestTimeout``, ``Overloaded``, ...) --
+never a hang:
 
-- each request has a deadline (``timeout_ms``), enforced here whatever the cluster does;
-- the client keeps each input until the first worker ACKs it, and fails it at once when
-  the coordinator announces that worker lost;
-- workers keep their outputs until the next hop ACKs, and report WORKER_LOST for those
-  when its worker is announced lost;
-- for a request past those points, a lost worker on its route fails it ``lost_grace_ms``
-  after the notice unless its result arrives first.
+- each request's deadline is stamped when it is submitted (``timeout_ms``) and enforced
+  here whatever the cluster does; a request still waiting to be sent when it expires is
+  failed without being sent, and one that waited gets its remaining budget re-stamped;
+- at most ``window`` requests wait at one first-stage worker; the rest wait here, earliest
+  deadline first, so a burst never queues stale work at the workers;
+- the client keeps each input until its result arrives, and replays it (``att`` + 1, after
+  asking the coordinator for the route again) when its first worker is announced lost
+  before taking it, when a worker reports the route lost or redeployed, or when a worker
+  on its route was lost and no result came within ``lost_grace_ms``; a request that
+  finishes twice (original and replay) yields one result.
 
 A result tensor borrows the receive buffer (no copy); it is yours, but clone it if you
 need it resizable.
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -44,10 +50,12 @@ from .config import from_mapping, opt
 from .errors import Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel, WorkerLost
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
+from .liveness import CoordinatorLink
 from .transport import PeerLinks, SocketOptions, Waker, advertised, dealer, local_address_towards, router, send
-from .types import Route, WorkerInfo
+from .types import Route, RouteHop, WorkerInfo
 
 log = logging.getLogger("edgesplit.client")
+OVERLOADED_RETRY_S = 0.01  # a first-stage worker that said OVERLOADED is tried again after this
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,11 @@ class ClientConfig:
     control_timeout_ms: int = opt(10_000, "deadline of route/workers/models calls to the coordinator")
     deploy_timeout_ms: int = opt(300_000, "deadline of a deploy (workers may fetch blocks first)")
     max_in_flight: int = opt(256, "requests in flight at once; submit() waits for a slot beyond that")
-    lost_grace_ms: int = opt(500, "after a lost-worker notice, how long a request through it may still deliver")
+    window: int = opt(8, "requests sent to one first-stage worker and not yet taken on by it; more wait here, "
+                         "earliest deadline first")
+    max_attempts: int = opt(4, "sends of one request (the first and its replays after a lost worker or a re-plan)")
+    lost_grace_ms: int = opt(1000, "after a lost-worker notice, how long a request through it may still deliver "
+                                   "before the client replays it")
     heartbeat_ms: int = opt(P.HEARTBEAT_INTERVAL_MS, "interval of the client's HELLO to the coordinator")
     liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent intervals before the client reconnects to the coordinator")
     max_frame_bytes: int = opt(P.MAX_FRAME_BYTES, "largest result frame accepted")
@@ -91,14 +103,21 @@ class RequestInfo:
 class _Req:
     rid: bytes
     model: str
-    x: torch.Tensor
+    x: torch.Tensor  # kept until the result arrives: the client is the last keeper of every input
     future: concurrent.futures.Future
-    deadline: float  # monotonic
+    deadline: float  # monotonic, stamped at submit
     trace: bool
     info: RequestInfo
-    endpoint: str | None = None  # hop 0's worker, once sent
-    lost_at: float | None = None
+    att: int = 0  # sends so far minus one
+    endpoint: str | None = None  # the first-stage worker it was last sent to
+    acked: bool = False  # that worker took custody
+    lost_at: float | None = None  # replay then unless the result came
     lost_reason: str = ""
+    not_before: float = 0.0  # wait before (re)sending (the worker said OVERLOADED)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
 
 
 @dataclass
@@ -144,6 +163,7 @@ class Client:
         if self._closed.is_set():
             raise RuntimeFailure("client is closed; connect again")
         budget = self.cfg.timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + budget / 1000.0  # stamped now: waiting for a slot counts too
         if not self._slots.acquire(timeout=budget / 1000.0):
             raise Overloaded(f"{self.cfg.max_in_flight} requests already in flight for {budget} ms; "
                              "wait for results or raise max_in_flight")
@@ -154,7 +174,7 @@ class Client:
         fut.info = info  # type: ignore[attr-defined]
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
-        self._cmds.put(("submit", _Req(rid, model, x, fut, time.monotonic() + budget / 1000.0, trace, info)))
+        self._cmds.put(("submit", _Req(rid, model, x, fut, deadline, trace, info)))
         self._wake()
         return fut
 
@@ -187,7 +207,8 @@ class Client:
 
     def deploy(self, model: str, workers: Sequence[str] | None = None, n_stages: int | None = None,
                splits: Sequence[int] | None = None, stages: Sequence[tuple[str, int, int]] | None = None,
-               links: Sequence[dict[str, Any] | None] | None = None, timeout_ms: int | None = None) -> Route:
+               links: Sequence[dict[str, Any] | None] | None = None, timeout_ms: int | None = None,
+               replicas: int = 1) -> Route:
         """Deploy a layer-wise plan and wait until every worker has loaded its stages.
 
         Args:
@@ -200,10 +221,13 @@ class Client:
                 raw); ``codec`` names a trained codec in the manifest's ``extra["codecs"]`` or a kind of
                 ``edgesplit.compression`` (e.g. "identity" with wire_dtype "fp16").
             timeout_ms: deadline (default ``cfg.deploy_timeout_ms``).
+            replicas: workers per stage; a request whose worker is lost is replayed on a replica.
         Returns:
             The model's new route.
         """
         body: dict[str, Any] = {"model": model}
+        if replicas != 1:
+            body["replicas"] = int(replicas)
         if stages is not None:
             body["stages"] = [[str(w), int(a), int(b)] for w, a, b in stages]
         else:
@@ -298,54 +322,57 @@ class Client:
             self._closed.set()
             self._fail_everything(RuntimeFailure("client closed before the request finished"))
 
+    def _connect_coordinator(self) -> zmq.Socket:
+        self._ctl_out.clear()  # what the old connection did not send is stale; calls time out by themselves
+        return dealer(self.ctx, self.cfg.coordinator, self.ident,
+                      SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.BLOB_MAX_BYTES))
+
     def _loop(self) -> None:
-        coord = dealer(self.ctx, self.cfg.coordinator, self.ident, SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS,
-                                                                                max_frame_bytes=P.BLOB_MAX_BYTES))
-        links = PeerLinks(self.ctx, self.ident, SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
-                          max_outbox_msgs=self.cfg.max_in_flight)
-        self._pending: dict[bytes, _Req] = {}
-        self._kept: dict[bytes, str] = {}  # rid -> hop 0 endpoint, until that worker ACKs
+        self._pending: dict[bytes, _Req] = {}  # every request not yet ended
+        self._queues: dict[str, list[tuple[float, int, _Req]]] = {}  # model -> heap of requests to send (EDF)
+        self._delayed: list[tuple[float, int, _Req]] = []  # (not_before, seq, req): retry after OVERLOADED
+        self._unacked: collections.Counter[str] = collections.Counter()  # first-stage endpoint -> window used
         self._calls: dict[bytes, _Call] = {}
-        self._waiting: dict[str, list[_Req]] = {}  # model -> requests waiting for its route
         self._asked: dict[bytes, str] = {}  # ROUTE rid -> model
-        self._ctl_out: collections.deque = collections.deque(maxlen=256)  # control messages not yet taken (oldest dropped)
-        self._acks: collections.deque = collections.deque()
+        self._route_retry: dict[str, float] = {}  # model -> when to ask for its route again
+        self._ctl_out: collections.deque = collections.deque(maxlen=256)  # control messages not yet taken
+        self._seq = itertools.count()
+        self._link = CoordinatorLink(self._connect_coordinator, self.cfg.heartbeat_ms, self.cfg.liveness,
+                                     f"coordinator {self.cfg.coordinator}", log)
+        self._links = PeerLinks(self.ctx, self.ident, SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
+                                max_outbox_msgs=max(self.cfg.window, 1))
         interval = self.cfg.heartbeat_ms / 1000.0
-        ttl = interval * self.cfg.liveness
-        last_heard = time.monotonic()
-        heard = False  # before first contact libzmq keeps reconnecting by itself; nothing to recover
-        next_hello = 0.0
-        self._coord = coord
-        self._links = links
+        next_hello = next_sweep = 0.0
         while not self._closed.is_set():
+            coord = self._link.sock
             poller = zmq.Poller()
-            poller.register(coord, zmq.POLLIN)
+            if coord is not None:
+                poller.register(coord, zmq.POLLIN)
             poller.register(self._results, zmq.POLLIN)
             poller.register(self._waker, zmq.POLLIN)
-            for sock, flags in links.poll_flags():
+            for sock, flags in self._links.poll_flags():
                 poller.register(sock, flags)
-            timeout = 5 if (self._ctl_out or self._acks) else 20
-            events = dict(poller.poll(timeout))
+            events = dict(poller.poll(5 if (self._ctl_out or self._delayed) else 20))
             if self._waker.fileno() in events:
                 self._waker.drain()
             self._drain_commands()
-            if coord in events:
+            if coord is not None and coord in events:
                 for _ in range(64):
                     try:
                         frames = coord.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    last_heard, heard = time.monotonic(), True
+                    self._link.heard()
                     self._on_coordinator(frames)
             if self._results in events:
-                for _ in range(64):
+                for _ in range(256):
                     try:
                         frames = self._results.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._on_result(frames[0].bytes, frames[1:])
             for sock, ev in events.items():
-                ep = links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
+                ep = self._links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
                 if ep is None:
                     continue
                 if ev & zmq.POLLIN:
@@ -356,30 +383,25 @@ class Client:
                             break
                         self._on_link_reply(ep, frames)
                 if ev & zmq.POLLOUT:
-                    links.flush(ep)
-            while self._ctl_out and send(coord, self._ctl_out[0]):
+                    self._links.flush(ep)
+            coord = self._link.sock
+            while coord is not None and self._ctl_out and send(coord, self._ctl_out[0]):
                 self._ctl_out.popleft()
-            while self._acks and send(self._results, self._acks[0][1], route=self._acks[0][0]):
-                self._acks.popleft()
             now = time.monotonic()
             if now >= next_hello:
                 next_hello = now + interval
                 if not self._ctl_out:  # a HELLO behind a backlog would add nothing
                     self._to_coordinator(P.encode(Msg.HELLO, P.new_rid(), self.cfg.heartbeat_ms))
-            if heard and now - last_heard > ttl:
-                log.warning("coordinator %s silent for %.1f s; reconnecting", self.cfg.coordinator, now - last_heard)
-                coord.close(0)
-                coord = self._coord = dealer(self.ctx, self.cfg.coordinator, self.ident,
-                                             SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.BLOB_MAX_BYTES))
-                self._ctl_out.clear()
-                last_heard, heard = now, False
-            self._sweep(now)
-        links.close_all()
-        coord.close(0)
+            self._link.tick(now, require_heard=True)
+            self._pump(now)
+            if now >= next_sweep:
+                next_sweep = now + 0.02
+                self._sweep(now)
+        self._links.close_all()
+        self._link.close()
 
     def _fail_everything(self, exc: RuntimeFailure) -> None:
-        for req in list(getattr(self, "_pending", {}).values()) + [r for rs in getattr(self, "_waiting", {}).values()
-                                                                  for r in rs]:
+        for req in list(getattr(self, "_pending", {}).values()):
             _fail(req.future, exc)
         for call in getattr(self, "_calls", {}).values():
             _fail(call.future, exc)
@@ -391,7 +413,8 @@ class Client:
             _fail(cmd[1].future if cmd[0] == "submit" else cmd[3].future, exc)
 
     def _to_coordinator(self, frames: list[Any]) -> None:
-        if self._ctl_out or not send(self._coord, frames):
+        sock = self._link.sock
+        if self._ctl_out or sock is None or not send(sock, frames):
             self._ctl_out.append(frames)
 
     def _drain_commands(self) -> None:
@@ -402,59 +425,131 @@ class Client:
                 return
             if cmd[0] == "submit":
                 req: _Req = cmd[1]
-                route = self.routes.get(req.model)
-                if route is not None:
-                    self._send(req, route)
-                else:
-                    self._wait_route(req)
+                self._pending[req.rid] = req
+                self._enqueue(req)
             elif cmd[0] == "call":
                 _, rid, frames, call = cmd
                 self._calls[rid] = call
                 self._to_coordinator(frames)
 
-    def _wait_route(self, req: _Req) -> None:
-        waiting = self._waiting.setdefault(req.model, [])
-        waiting.append(req)
-        if len(waiting) == 1 and req.model not in self._asked.values():
-            rid = P.new_rid()
-            self._asked[rid] = req.model
-            try:
-                frames = P.encode(Msg.ROUTE, rid, self.cfg.control_timeout_ms, {"mdl": req.model})
-            except ProtocolError as e:
-                del self._asked[rid]
-                self._fail_waiting(req.model, UnknownModel(f"bad model name: {e}"))
-                return
-            self._to_coordinator(frames)
+    # --- sending -------------------------------------------------------------------------------
+    def _enqueue(self, req: _Req) -> None:
+        if req.not_before > time.monotonic():
+            heapq.heappush(self._delayed, (req.not_before, next(self._seq), req))
+        else:
+            heapq.heappush(self._queues.setdefault(req.model, []), (req.deadline, next(self._seq), req))
 
-    def _fail_waiting(self, model: str, exc: RuntimeFailure) -> None:
-        for req in self._waiting.pop(model, []):
-            _fail(req.future, exc)
+    def _pump(self, now: float) -> None:
+        """Send queued requests, earliest deadline first, while a first-stage worker has window room."""
+        while self._delayed and self._delayed[0][0] <= now:
+            req = heapq.heappop(self._delayed)[2]
+            heapq.heappush(self._queues.setdefault(req.model, []), (req.deadline, next(self._seq), req))
+        for model, heap in list(self._queues.items()):
+            while heap and heap[0][2].done:
+                heapq.heappop(heap)
+            if not heap:
+                del self._queues[model]
+                continue
+            route = self.routes.get(model)
+            if route is None:
+                self._ask_route(model, now)
+                continue
+            while heap:
+                req = heap[0][2]
+                if req.done or now > req.deadline:
+                    heapq.heappop(heap)
+                    self._expire(req)
+                    continue
+                hop = self._pick(route)
+                if hop is None:
+                    break  # every first-stage worker has its window full: wait for ACKs
+                heapq.heappop(heap)
+                self._send(req, route, hop)
 
-    def _send(self, req: _Req, route: Route) -> None:
-        hop0 = route.hops[0]
-        budget_ms = int((req.deadline - time.monotonic()) * 1000)
-        if budget_ms <= 0:
-            _fail(req.future, RequestTimeout(f"request for {req.model} timed out before it was sent"))
+    def _pick(self, route: Route) -> RouteHop | None:
+        """The first-stage replica with the most window room (None when all are full)."""
+        best = min(route.replicas[0], key=lambda h: self._unacked[h.endpoint])
+        return best if self._unacked[best.endpoint] < self.cfg.window else None
+
+    def _ask_route(self, model: str, now: float) -> None:
+        if model in self._asked.values() or now < self._route_retry.get(model, 0.0):
             return
+        rid = P.new_rid()
+        try:
+            frames = P.encode(Msg.ROUTE, rid, self.cfg.control_timeout_ms, {"mdl": model})
+        except ProtocolError as e:
+            self._fail_model(model, UnknownModel(f"bad model name: {e}"))
+            return
+        self._asked[rid] = model
+        self._route_retry[model] = now + self.cfg.control_timeout_ms / 1000.0  # one question at a time
+        self._to_coordinator(frames)
+
+    def _fail_model(self, model: str, exc: RuntimeFailure, replays_wait: bool = False) -> None:
+        """Fail the requests queued for ``model`` (a route question failed); replays wait when asked to."""
+        heap = self._queues.get(model, [])
+        keep = []
+        for item in heap:
+            req = item[2]
+            if replays_wait and req.att > 0 and not req.done:
+                keep.append(item)  # a replay waits out a re-plan until its deadline
+            else:
+                self._finish(req.rid, exc)
+        if keep:
+            heapq.heapify(keep)
+            self._queues[model] = keep
+            self._route_retry[model] = time.monotonic() + 0.2
+        else:
+            self._queues.pop(model, None)
+
+    def _send(self, req: _Req, route: Route, hop0: RouteHop) -> None:
+        budget_ms = int((req.deadline - time.monotonic()) * 1000)
         fields: dict[str, Any] = {"mdl": req.model, "hop": 0, "rep": self.reply_endpoint, "pln": route.plan}
+        if req.att:
+            fields["att"] = min(req.att, 255)
         if req.trace:
             fields["trc"] = []
         try:
             frames = P.encode(Msg.RUN, req.rid, budget_ms, fields, [req.x])
         except (ProtocolError, TypeError) as e:
-            _fail(req.future, P.error_from_wire(Err.BAD_INPUT, f"input for {req.model} cannot be sent: {e}"))
+            self._finish(req.rid, P.error_from_wire(Err.BAD_INPUT, f"input for {req.model} cannot be sent: {e}"))
             return
         req.info.route = route
         req.info.input_bytes = P.total_bytes(frames[2:])
         req.info.t_sent = time.time()
-        req.endpoint = hop0.endpoint
-        if not self._links.send(hop0.endpoint, frames):
-            _fail(req.future, P.error_from_wire(Err.OVERLOADED, f"outbox to {hop0.worker} is full"))
-            return
-        req.x = None  # the frames hold the data now; drop our reference
-        self._pending[req.rid] = req
-        self._kept[req.rid] = hop0.endpoint
+        req.endpoint, req.acked, req.lost_at = hop0.endpoint, False, None
+        self._unacked[hop0.endpoint] += 1
+        if not self._links.send(hop0.endpoint, frames, req.deadline):  # cannot happen within the window
+            self._release(req)
+            self._finish(req.rid, P.error_from_wire(Err.OVERLOADED, f"outbox to {hop0.worker} is full"))
 
+    def _release(self, req: _Req) -> None:
+        """Give back the window slot ``req`` holds at its first-stage worker."""
+        if req.endpoint is not None and not req.acked:
+            self._unacked[req.endpoint] -= 1
+            if self._unacked[req.endpoint] <= 0:
+                del self._unacked[req.endpoint]
+        req.acked = True
+
+    def _replay(self, req: _Req, exc: RuntimeFailure, delay_s: float = 0.0, refresh_route: bool = True,
+                new_attempt: bool = True) -> None:
+        """Send ``req`` again if attempts and time are left; else fail it with ``exc``.
+
+        A replay after a loss is a new attempt (``att`` + 1, at most ``max_attempts`` sends); a
+        retry after OVERLOADED is not (the worker refused it before taking it on).
+        """
+        now = time.monotonic()
+        self._release(req)
+        if req.done or now + delay_s >= req.deadline or (new_attempt and req.att + 1 >= self.cfg.max_attempts):
+            self._finish(req.rid, exc)
+            return
+        req.att += int(new_attempt)
+        req.endpoint, req.acked, req.lost_at, req.not_before = None, False, None, now + delay_s
+        if refresh_route and req.info.route is not None and self.routes.get(req.model) is req.info.route:
+            del self.routes[req.model]  # ask the coordinator again: it knows who is alive
+            self._route_retry.pop(req.model, None)
+        self._enqueue(req)
+
+    # --- receiving -----------------------------------------------------------------------------
     def _on_coordinator(self, frames: list[Any]) -> None:
         try:
             msg = P.decode(frames, max_frame_bytes=P.BLOB_MAX_BYTES)
@@ -465,19 +560,17 @@ class Client:
             self._on_notice(msg)
             return
         model = self._asked.pop(msg.rid, None)
-        if model is not None:  # a route we asked for on behalf of waiting requests
+        if model is not None:  # a route we asked for on behalf of queued requests
+            self._route_retry.pop(model, None)
             if msg.type == Msg.ERROR:
                 code, reason = msg.get("err")
-                self._fail_waiting(model, P.error_from_wire(code, reason))
+                # NOT_DEPLOYED: a re-plan is under way, so replays wait for it; anything else ends them
+                self._fail_model(model, P.error_from_wire(code, reason), replays_wait=code == Err.NOT_DEPLOYED)
                 return
             try:
-                route = Route.from_msg(P.body_get(msg.body, "route", dict))
+                self.routes[model] = Route.from_msg(P.body_get(msg.body, "route", dict))
             except ProtocolError as e:
-                self._fail_waiting(model, e)
-                return
-            self.routes[model] = route
-            for req in self._waiting.pop(model, []):
-                self._send(req, route)
+                self._fail_model(model, e)
             return
         call = self._calls.pop(msg.rid, None)
         if call is None:
@@ -491,21 +584,25 @@ class Client:
     def _on_notice(self, msg: P.Message) -> None:
         name = str(msg.body.get("lost", ""))
         endpoint = msg.body.get("lost_endpoint")
+        if not isinstance(endpoint, str):
+            if isinstance(msg.body.get("alive_endpoint"), str):
+                self.routes.clear()  # a worker is back: let the next sends spread over it again
+            return
         for model, route in list(self.routes.items()):
             if name in route.workers:
                 del self.routes[model]
+        self._links.drop_outbox(endpoint)
+        self._links.close(endpoint)
         now = time.monotonic()
-        for rid, req in list(self._pending.items()):
-            if self._kept.get(rid) == endpoint:  # we still hold its input: it never left that worker
-                self._finish(rid, WorkerLost(f"worker {name} ({endpoint}), stage 0 of {req.model}'s route, was lost "
+        for req in list(self._pending.values()):
+            if req.endpoint == endpoint and not req.acked:  # we still hold its input: it never left that worker
+                self._replay(req, WorkerLost(f"worker {name} ({endpoint}), stage 0 of {req.model}'s route, was lost "
                                              "before acknowledging the request"))
-            elif req.info.route is not None and name in req.info.route.workers and req.lost_at is None:
+            elif req.info.route is not None and name in req.info.route.workers and req.lost_at is None \
+                    and req.endpoint is not None:
                 req.lost_at = now + self.cfg.lost_grace_ms / 1000.0
                 req.lost_reason = (f"worker {name} on the route of {req.model} ({' -> '.join(req.info.route.workers)}) "
                                    "was lost and no result arrived")
-        if isinstance(endpoint, str):
-            self._links.drop_outbox(endpoint)
-            self._links.close(endpoint)
 
     def _on_result(self, ident: bytes, frames: list[Any]) -> None:
         try:
@@ -513,18 +610,11 @@ class Client:
         except ProtocolError as e:
             log.warning("W: bad message on the result socket from %r: %s", ident[:32], e)
             return
-        if msg.type not in (Msg.RESULT, Msg.ERROR):
-            return
-        if msg.type == Msg.RESULT:
-            self._ack(ident, msg)
         req = self._pending.get(msg.rid)
-        if req is None:
-            return  # already failed (deadline, notice) or a duplicate
+        if req is None or msg.type not in (Msg.RESULT, Msg.ERROR):
+            return  # already ended (deadline, an earlier copy of a replayed request) or not for us
         if msg.type == Msg.ERROR:
-            code, reason = msg.get("err")
-            if code == Err.NOT_DEPLOYED:
-                self.routes.pop(req.model, None)
-            self._finish(msg.rid, P.error_from_wire(code, reason))
+            self._on_error(req, msg)
             return
         try:  # the last link (to the client) is raw
             y = decode_link(None, LinkSpec(), msg.get("cod", "raw"), msg.get("cmeta", {}), msg.tensors, None)
@@ -535,10 +625,18 @@ class Client:
         req.info.trace = list(msg.get("trc", []))
         self._finish(msg.rid, None, y)
 
-    def _ack(self, ident: bytes, msg: P.Message) -> None:
-        frames = P.encode(Msg.ACK, msg.rid, 0, {"hop": msg.get("hop", 0)})
-        if self._acks or not send(self._results, frames, route=[ident]):
-            self._acks.append(([ident], frames))
+    def _on_error(self, req: _Req, msg: P.Message) -> None:
+        """A worker's ERROR for ``req``: replay what a live replica or a re-plan can still serve, else fail."""
+        code, reason = msg.get("err")
+        if msg.get("att", 0) < req.att:
+            return  # news of an attempt already replayed
+        exc = P.error_from_wire(code, reason)
+        if code in (Err.WORKER_LOST, Err.NOT_DEPLOYED):
+            self._replay(req, exc)
+        elif code == Err.OVERLOADED and msg.get("hop", 0) == 0:
+            self._replay(req, exc, delay_s=OVERLOADED_RETRY_S, refresh_route=False, new_attempt=False)
+        else:
+            self._finish(req.rid, exc)
 
     def _on_link_reply(self, endpoint: str, frames: list[Any]) -> None:
         try:
@@ -546,22 +644,32 @@ class Client:
         except ProtocolError as e:
             log.warning("W: bad reply from %s: %s", endpoint, e)
             return
+        req = self._pending.get(msg.rid)
+        if req is None or req.endpoint != endpoint:
+            return  # an ACK of an earlier attempt, or of a request that has ended
         if msg.type == Msg.ACK:
-            self._kept.pop(msg.rid, None)
+            self._release(req)
         elif msg.type == Msg.ERROR:
-            req = self._pending.get(msg.rid)
-            if req is None:
-                return
-            code, reason = msg.get("err")
-            if code == Err.NOT_DEPLOYED:
-                self.routes.pop(req.model, None)
-            self._finish(msg.rid, P.error_from_wire(code, reason))
+            self._on_error(req, msg)
+
+    def _expire(self, req: _Req) -> None:
+        if req.info.route is None and req.model not in self.routes:
+            exc = RequestTimeout(f"no route for {req.model} from the coordinator {self.cfg.coordinator} before the "
+                                 "deadline; is it running?")
+        else:
+            route = " -> ".join(req.info.route.workers) if req.info.route else "?"
+            sent = "sent" if req.endpoint else "still waiting to be sent (the first-stage workers were busy)"
+            exc = RequestTimeout(f"request for {req.model} got no result within its deadline; it was {sent} "
+                                 f"(route {route}, attempt {req.att + 1}); check the workers with `edgesplit "
+                                 "workers` or raise timeout_ms")
+        self._finish(req.rid, exc)
 
     def _finish(self, rid: bytes, exc: BaseException | None, result: Any = None) -> None:
         req = self._pending.pop(rid, None)
-        self._kept.pop(rid, None)
         if req is None:
             return
+        self._release(req)
+        req.x = None  # type: ignore[assignment]  # the input is no longer needed for a replay
         req.info.t_done = time.time()
         if exc is not None:
             _fail(req.future, exc)
@@ -569,28 +677,20 @@ class Client:
             _resolve(req.future, result)
 
     def _sweep(self, now: float) -> None:
-        for rid, req in list(self._pending.items()):
+        for req in list(self._pending.values()):
             if now > req.deadline:
-                route = " -> ".join(req.info.route.workers) if req.info.route else "?"
-                self._finish(rid, RequestTimeout(f"request for {req.model} got no result within its deadline "
-                                                 f"(route {route}); check the workers with `edgesplit workers` "
-                                                 "or raise timeout_ms"))
+                self._expire(req)
             elif req.lost_at is not None and now > req.lost_at:
-                self._finish(rid, WorkerLost(req.lost_reason))
-        for model, reqs in list(self._waiting.items()):
-            for req in [r for r in reqs if now > r.deadline]:
-                reqs.remove(req)
-                _fail(req.future, RequestTimeout(f"no route for {req.model} from the coordinator "
-                                                 f"{self.cfg.coordinator} before the deadline; is it running?"))
-            if not reqs:
-                del self._waiting[model]
-                for rid in [r for r, m in self._asked.items() if m == model]:
-                    del self._asked[rid]
+                self._replay(req, WorkerLost(req.lost_reason))
+        self._links.expire(now)
         for rid, call in list(self._calls.items()):
             if now > call.deadline:
                 del self._calls[rid]
                 _fail(call.future, RequestTimeout(f"coordinator {self.cfg.coordinator} did not answer the "
                                                   f"{call.what or 'call'} in time; is it running and reachable?"))
+        for rid, model in list(self._asked.items()):
+            if now > self._route_retry.get(model, 0.0):
+                del self._asked[rid]  # unanswered: the next pump asks again
 
 
 def _resolve(fut: concurrent.futures.Future, value: Any) -> None:

@@ -191,11 +191,20 @@ class Coordinator:
     # workers ---------------------------------------------------------------------------------
     def _on_ready(self, ident: bytes, msg: P.Message) -> None:
         info = WorkerInfo.from_msg(msg.body)
-        if ident != info.name.encode():
+        if _worker_name(ident) != info.name:
             raise ProtocolError(f"bad message: worker connects as {ident!r:.40} but calls itself {info.name!r}")
         old = self.workers.get(info.name)
-        if old is not None and old.info.endpoint != info.endpoint:
-            log.warning("worker %s re-registered at %s (was %s)", info.name, info.endpoint, old.info.endpoint)
+        if old is not None and old.ident != ident:
+            if info.name in self.live and (old.info.endpoint != info.endpoint or old.info.host != info.host):
+                log.warning("refused a second worker named %s at %s (host %s): %s at %s is alive", info.name,
+                            info.endpoint, info.host, info.name, old.info.endpoint)
+                self._reply(ident, P.encode_error(msg.rid, Err.NAME_TAKEN, (
+                    f"worker name {info.name} is already taken by a live worker at {old.info.endpoint} (host "
+                    f"{old.info.host}); give each worker its own --name")))
+                return
+            # the same name, host and endpoint from a new process: the old one was restarted
+            log.warning("worker %s re-registered from a new process at %s (was %s)", info.name, info.endpoint,
+                        old.info.endpoint)
             self._notify_lost(info.name, old.info.endpoint)
         self.workers[info.name] = _WorkerRec(info, ident)
         for s in info.stages:  # a worker declared lost that comes back still hosts its stages
@@ -210,7 +219,7 @@ class Coordinator:
         self._reply(ident, P.encode(Msg.HEARTBEAT, msg.rid, 0))
 
     def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
-        rec = self.workers.get(ident.decode(errors="replace"))
+        rec = self.workers.get(_worker_name(ident))
         if rec is None or rec.ident != ident:
             self._reply(ident, P.encode(Msg.DISCONNECT, msg.rid, 0))
             return None
@@ -411,7 +420,7 @@ class Coordinator:
         per_worker: dict[str, list[tuple[StageInfo, LinkSpec, LinkSpec]]] = {}
         cuts = [LinkSpec(), *links, LinkSpec()]  # the client's links at both ends stay raw
         for hop, s in enumerate(stages):
-            nxt = endpoints[stages[hop + 1].worker] if hop + 1 < len(stages) else None
+            nxt = (endpoints[stages[hop + 1].worker],) if hop + 1 < len(stages) else ()
             info = StageInfo(manifest.name, hop, s.start, s.end, manifest.n_blocks, plan_id, nxt)
             per_worker.setdefault(s.worker, []).append((info, cuts[hop], cuts[hop + 1]))
         # workers hosting an older plan of this model get an empty stage list (undeploy)
@@ -479,6 +488,11 @@ class Coordinator:
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
         Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link,
     }
+
+
+def _worker_name(ident: bytes) -> str:
+    """A worker's name from its socket identity (``name/tag``: the tag tells processes apart)."""
+    return ident.decode(errors="replace").split("/", 1)[0]
 
 
 def run_coordinator(cfg: CoordinatorConfig) -> int:

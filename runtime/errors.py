@@ -28,6 +28,12 @@ class UnknownModel(RuntimeFailure):
     code_name = "UNKNOWN_MODEL"
 
 
+class NotDeployed(UnknownModel):
+    """The model's plan is being (re)deployed right now (a re-plan after a lost worker): ask again shortly."""
+
+    code_name = "NOT_DEPLOYED"
+
+
 class BadInput(RuntimeFailure):
     """The input does not fit the model (shape, dtype), or the stage failed on it."""
 

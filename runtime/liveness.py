@@ -1,4 +1,5 @@
-"""Liveness, written once (zguide's Paranoid Pirate): an expiry-ordered peer table and a backoff.
+"""Liveness, written once (zguide's Paranoid Pirate): an expiry-ordered peer table, a backoff, and
+the reconnecting link to the coordinator that the worker and the client share.
 
 Any message from a peer refreshes it; a peer silent for ``interval x liveness`` is
 expired and purged from the front of the table (oldest first, O(expired)). A component
@@ -7,9 +8,12 @@ that lost its peer reconnects after a capped, jittered, doubling delay.
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import time
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
+
+import zmq
 
 from . import protocol as P
 
@@ -77,3 +81,59 @@ class Backoff:
 
     def reset(self) -> None:
         self._next_ms = self.init_ms
+
+
+class CoordinatorLink:
+    """A DEALER to the coordinator that reconnects on silence (the worker's and the client's, written once).
+
+    Any message from the coordinator counts as life (``heard``). Silent for ``interval x
+    liveness`` after it was once heard, the socket is closed and, after a capped
+    jittered backoff, a fresh one is connected (``sock`` is None in between: send nothing,
+    poll nothing). ``on_connect`` runs for each fresh socket (a worker sends READY again).
+    Never blocks: the caller's loop calls :meth:`tick` every iteration.
+    """
+
+    def __init__(self, connect: Callable[[], zmq.Socket], interval_ms: int, liveness: int, what: str,
+                 log: logging.Logger) -> None:
+        self._connect, self.what, self.log = connect, what, log
+        self.ttl_s = interval_ms * liveness / 1000.0
+        self.backoff = Backoff()
+        self.sock: zmq.Socket | None = connect()
+        self.last_heard = time.monotonic()
+        self.ever_heard = False
+        self.connected = True  # until the first silence: warn once per outage, not per attempt
+        self._retry_at = 0.0
+        self.reconnects = 0
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+        self.ever_heard = self.connected = True
+        self.backoff.reset()
+
+    def tick(self, now: float, require_heard: bool = False) -> bool:
+        """Reconnect when due; True when a fresh socket was connected in this call."""
+        if self.sock is None:
+            if now < self._retry_at:
+                return False
+            self.sock = self._connect()
+            self.last_heard = now
+            self.reconnects += 1
+            return True
+        if now - self.last_heard <= self.ttl_s or (require_heard and not self.ever_heard):
+            return False
+        delay = self.backoff.next_delay_s()
+        if self.connected:
+            self.log.warning("%s silent for %.1f s; reconnecting (backoff up to %d ms)", self.what,
+                             now - self.last_heard, P.RECONNECT_MAX_MS)
+        else:
+            self.log.debug("no answer from %s; retrying in %.2f s", self.what, delay)
+        self.connected = False
+        self.sock.close(0)
+        self.sock = None
+        self._retry_at = now + delay
+        return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import (BadInput, DeployError, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
+from .errors import (BadInput, DeployError, NotDeployed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
                      UnknownModel, WorkerLost)
 
 if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
@@ -101,6 +101,7 @@ class Err(IntEnum):
     MISSING_BLOCK = 10  # a block is in no store reachable
     TOO_LARGE = 11  # message above the size cap
     SHUTTING_DOWN = 12
+    NAME_TAKEN = 13  # a READY under a worker name that another live worker holds
 
 
 MSG_NAMES = {m.value: m.name for m in Msg}
@@ -117,7 +118,7 @@ def err_name(code: int) -> str:
 
 _ERROR_CLASSES: dict[Err, type[RuntimeFailure]] = {
     Err.BAD_MESSAGE: ProtocolError, Err.TOO_LARGE: ProtocolError,
-    Err.UNKNOWN_MODEL: UnknownModel, Err.NOT_DEPLOYED: UnknownModel,
+    Err.UNKNOWN_MODEL: UnknownModel, Err.NOT_DEPLOYED: NotDeployed,
     Err.BAD_INPUT: BadInput, Err.WORKER_LOST: WorkerLost, Err.TIMEOUT: RequestTimeout,
     Err.OVERLOADED: Overloaded, Err.DEPLOY_FAILED: DeployError, Err.MISSING_BLOCK: DeployError,
 }
@@ -545,6 +546,24 @@ def trace_record(hop: int, worker: str, t_recv: float, t_start: float, t_end: fl
 def total_bytes(frames: Iterable[Any]) -> int:
     """Bytes a message occupies on the wire (frame payloads, no ZMTP framing)."""
     return sum(frame_len(f) for f in frames)
+
+
+def restamp(frames: list[Any], budget_ms: int) -> list[Any]:
+    """``frames`` with the header's remaining budget set to ``budget_ms`` (a message that waited in an outbox).
+
+    Deadlines are absolute where they are kept (monotonic, on one host) and relative on the
+    wire; a message that sat in a queue must not carry the budget it had when it was encoded.
+    """
+    header = msgpack.unpackb(_frame_bytes(frames[1], HEADER_MAX_BYTES), raw=False)
+    header["bud"] = max(0, min(int(budget_ms), MAX_BUDGET_MS))
+    return [frames[0], msgpack.packb(header, use_bin_type=True), *frames[2:]]
+
+
+def with_attempt(frames: list[Any], attempt: int) -> list[Any]:
+    """``frames`` re-addressed as attempt ``attempt`` (a replay on a replica counts up ``att``)."""
+    header = msgpack.unpackb(_frame_bytes(frames[1], HEADER_MAX_BYTES), raw=False)
+    header["att"] = min(int(attempt), 255)
+    return [frames[0], msgpack.packb(header, use_bin_type=True), *frames[2:]]
 
 
 def is_finite_number(v: Any) -> bool:

@@ -36,6 +36,8 @@ class Telemetry:
             "proc_rss_bytes": int(self.proc.memory_info().rss),
             "load_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         }
+        if hasattr(self.proc, "num_fds"):  # POSIX: custody bounds keep this flat whatever peers do
+            out["open_fds"] = int(self.proc.num_fds())
         if self.device.type == "cuda" and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info(self.device)
             out["gpu_free_bytes"], out["gpu_total_bytes"] = int(free), int(total)

@@ -11,8 +11,10 @@ blocking and parks what the peer cannot take yet in a bounded outbox.
 from __future__ import annotations
 
 import collections
+import math
 import socket as pysocket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -20,6 +22,8 @@ import zmq
 
 from . import protocol as P
 from .errors import ConfigError
+
+RESTAMP_AFTER_S = 0.002  # a message parked longer than this leaves with its remaining budget re-stamped
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,19 @@ class Waker:
 
 
 @dataclass
+class _Parked:
+    """A message the peer could not take yet, with its request's absolute deadline (monotonic; inf = none)."""
+
+    frames: Sequence[Any]
+    deadline: float
+    t_parked: float
+
+
+@dataclass
 class _Link:
     sock: zmq.Socket
     outbox: collections.deque
+    last_used: float
 
 
 class PeerLinks:
@@ -180,14 +194,23 @@ class PeerLinks:
     Sending never blocks the calling loop: a message the peer cannot take now (its HWM is
     reached, or the link is not up) waits in the outbox, and the loop polls ``POLLOUT`` on
     that socket only while its outbox is non-empty (see :meth:`poll_flags`).
+
+    Custody is bounded everywhere, so one peer that takes nothing (a departed client, an
+    endpoint nobody listens on) can never hold back another's traffic or exhaust the
+    process's files: outboxes are capped and their messages expire with their request's
+    deadline; links are capped at ``max_links`` (the least recently used one is closed,
+    its parked messages dropped); links idle for ``idle_close_s`` are closed. Parked
+    messages get their remaining budget re-stamped when they finally leave. Whatever is
+    dropped is counted in ``dropped``.
     """
 
     def __init__(self, ctx: zmq.Context, identity: bytes, opts: SocketOptions = SocketOptions(),
-                 max_outbox_msgs: int = 64, max_links: int = 64) -> None:
+                 max_outbox_msgs: int = 64, max_links: int = 64, idle_close_s: float = 30.0) -> None:
         self.ctx, self.identity, self.opts = ctx, identity, opts
-        self.max_outbox_msgs, self.max_links = max_outbox_msgs, max_links
+        self.max_outbox_msgs, self.max_links, self.idle_close_s = max_outbox_msgs, max_links, idle_close_s
         self._links: collections.OrderedDict[str, _Link] = collections.OrderedDict()
         self._by_sock: dict[zmq.Socket, str] = {}
+        self.dropped = 0  # messages dropped: outbox full, expired, or their link evicted
 
     def link(self, endpoint: str) -> zmq.Socket:
         """The DEALER to ``endpoint`` (connected on first use; least recently used closed beyond the cap)."""
@@ -195,13 +218,12 @@ class PeerLinks:
         if link is None:
             while len(self._links) >= self.max_links:
                 idle = next((ep for ep, l in self._links.items() if not l.outbox), None)
-                if idle is None:
-                    break
-                self.close(idle)
-            link = _Link(dealer(self.ctx, endpoint, self.identity, self.opts), collections.deque())
+                self.close(idle if idle is not None else next(iter(self._links)))
+            link = _Link(dealer(self.ctx, endpoint, self.identity, self.opts), collections.deque(), time.monotonic())
             self._links[endpoint] = link
             self._by_sock[link.sock] = endpoint
         self._links.move_to_end(endpoint)
+        link.last_used = time.monotonic()
         return link.sock
 
     def endpoint_of(self, sock: zmq.Socket) -> str | None:
@@ -210,6 +232,9 @@ class PeerLinks:
     def sockets(self) -> list[zmq.Socket]:
         return [l.sock for l in self._links.values()]
 
+    def __len__(self) -> int:
+        return len(self._links)
+
     def pending(self, endpoint: str | None = None) -> int:
         """Messages waiting in one outbox (or all)."""
         if endpoint is not None:
@@ -217,24 +242,61 @@ class PeerLinks:
             return len(link.outbox) if link else 0
         return sum(len(l.outbox) for l in self._links.values())
 
-    def send(self, endpoint: str, frames: Sequence[Any]) -> bool:
-        """Send now, or park in the outbox. False only when the outbox is full (caller must hold it)."""
+    def full(self, endpoint: str) -> bool:
+        link = self._links.get(endpoint)
+        return link is not None and len(link.outbox) >= self.max_outbox_msgs
+
+    def send(self, endpoint: str, frames: Sequence[Any], deadline: float = math.inf, droppable: bool = False) -> bool:
+        """Send now, or park in the outbox until ``deadline``.
+
+        Returns False when the outbox is full: the caller holds the message (it keeps
+        custody), unless ``droppable``, when the message is dropped and counted instead
+        (replies to a requester, who has its own deadline).
+        """
         sock = self.link(endpoint)
         link = self._links[endpoint]
         if not link.outbox and send(sock, frames):
             return True
         if len(link.outbox) >= self.max_outbox_msgs:
-            return False
-        link.outbox.append(frames)
+            if droppable:
+                self.dropped += 1
+            return droppable
+        link.outbox.append(_Parked(frames, deadline, time.monotonic()))
         return True
 
     def flush(self, endpoint: str) -> int:
-        """Push parked messages while the peer takes them; returns how many went."""
+        """Push parked messages while the peer takes them (expired ones are dropped); returns how many went."""
         link = self._links.get(endpoint)
         n = 0
-        while link is not None and link.outbox and send(link.sock, link.outbox[0]):
+        now = time.monotonic()
+        while link is not None and link.outbox:
+            item = link.outbox[0]
+            frames = item.frames
+            if item.deadline < math.inf:
+                if now >= item.deadline:
+                    link.outbox.popleft()
+                    self.dropped += 1
+                    continue
+                if now - item.t_parked > RESTAMP_AFTER_S:
+                    frames = P.restamp(list(frames), int((item.deadline - now) * 1000))
+            if not send(link.sock, frames):
+                break
             link.outbox.popleft()
             n += 1
+        return n
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop parked messages past their deadline and close links idle too long; returns how many dropped."""
+        now = time.monotonic() if now is None else now
+        n = 0
+        for ep, link in list(self._links.items()):
+            if link.outbox:
+                keep = collections.deque(p for p in link.outbox if p.deadline > now)
+                n += len(link.outbox) - len(keep)
+                link.outbox = keep
+            elif now - link.last_used > self.idle_close_s:
+                self.close(ep)
+        self.dropped += n
         return n
 
     def discard(self, endpoint: str, frames: Sequence[Any]) -> bool:
@@ -243,7 +305,7 @@ class PeerLinks:
         if link is None:
             return False
         for i, item in enumerate(link.outbox):
-            if item is frames:
+            if item.frames is frames:
                 del link.outbox[i]
                 return True
         return False
@@ -253,7 +315,7 @@ class PeerLinks:
         link = self._links.get(endpoint)
         if link is None:
             return []
-        out = list(link.outbox)
+        out = [p.frames for p in link.outbox]
         link.outbox.clear()
         return out
 
@@ -265,6 +327,7 @@ class PeerLinks:
     def close(self, endpoint: str) -> None:
         link = self._links.pop(endpoint, None)
         if link is not None:
+            self.dropped += len(link.outbox)
             self._by_sock.pop(link.sock, None)
             link.sock.close(0)
 

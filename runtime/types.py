@@ -13,6 +13,9 @@ from . import protocol as P
 from .errors import ProtocolError
 
 
+MAX_REPLICAS = 16  # workers per stage
+
+
 class WorkerState(str, Enum):
     """A worker as the coordinator sees it."""
 
@@ -38,8 +41,9 @@ def _list(v: Any, what: str, n: int | None = None) -> list[Any]:
 class StageInfo:
     """One stage a worker hosts: blocks ``[start, end)`` of ``model`` at route position ``hop``.
 
-    ``plan`` is the id of the plan that placed it; ``next`` the endpoint its output goes to
-    (None for the last stage, whose output goes to the requester).
+    ``plan`` is the id of the plan that placed it; ``next`` the endpoints of the next stage's
+    replicas, any of which may take its output (empty for the last stage, whose output goes
+    to the requester).
     """
 
     model: str
@@ -48,14 +52,14 @@ class StageInfo:
     end: int
     n_blocks: int
     plan: int
-    next: str | None = None
+    next: tuple[str, ...] = ()
 
     @property
     def is_last(self) -> bool:
         return self.end == self.n_blocks
 
     def to_msg(self) -> list[Any]:
-        return [self.model, self.hop, self.start, self.end, self.n_blocks, self.plan, self.next]
+        return [self.model, self.hop, self.start, self.end, self.n_blocks, self.plan, list(self.next)]
 
     @classmethod
     def from_msg(cls, v: Any) -> "StageInfo":
@@ -65,8 +69,11 @@ class StageInfo:
         s, e = _int(start, "start", 0, n), _int(end, "end", 1, n)
         if s >= e:
             raise ProtocolError(f"bad message: stage span [{s}, {e}) is empty")
+        nxt = [] if nxt is None else _list(nxt, "next endpoints")
+        if len(nxt) > MAX_REPLICAS:
+            raise ProtocolError(f"bad message: at most {MAX_REPLICAS} replicas per stage, got {len(nxt)}")
         return cls(model, _int(hop, "hop", 0, P.MAX_HOPS), s, e, n, _int(plan, "plan"),
-                   None if nxt is None else P.check_endpoint(nxt))
+                   tuple(P.check_endpoint(ep) for ep in nxt))
 
 
 @dataclass(frozen=True)
@@ -93,21 +100,32 @@ class RouteHop:
 
 @dataclass(frozen=True)
 class Route:
-    """The path a request of ``model`` takes: hop 0's worker gets the input, the last returns the output."""
+    """The path a request of ``model`` takes: hop 0's worker gets the input, the last returns the output.
+
+    ``hops[k]`` is one worker of stage k; ``replicas[k]`` lists every live worker hosting it
+    (``hops[k]`` among them), so a sender can choose, and replay on another when one is lost.
+    """
 
     model: str
     plan: int
     n_blocks: int
     input_shape: list[int]
     hops: list[RouteHop]
+    replicas: list[list[RouteHop]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            object.__setattr__(self, "replicas", [[h] for h in self.hops])
 
     @property
     def workers(self) -> list[str]:
-        return [h.worker for h in self.hops]
+        """Every worker on the route (all replicas), stage by stage."""
+        return [h.worker for reps in self.replicas for h in reps]
 
     def to_msg(self) -> dict[str, Any]:
         return {"model": self.model, "plan": self.plan, "n_blocks": self.n_blocks,
-                "input_shape": list(self.input_shape), "hops": [h.to_msg() for h in self.hops]}
+                "input_shape": list(self.input_shape), "hops": [h.to_msg() for h in self.hops],
+                "replicas": [[h.to_msg() for h in reps] for reps in self.replicas]}
 
     @classmethod
     def from_msg(cls, v: Any) -> "Route":
@@ -117,8 +135,12 @@ class Route:
         if not hops:
             raise ProtocolError("bad message: a route has at least one hop")
         shape = [_int(d, "input dim", 0, 1 << 20) for d in _list(v.get("input_shape"), "input_shape")]
+        reps_raw = _list(v.get("replicas", [[h] for h in v["hops"]]), "route replicas", len(hops))
+        replicas = [[RouteHop.from_msg(h) for h in _list(r, "a hop's replicas")[:MAX_REPLICAS]] for r in reps_raw]
+        if any(not r or any(h.hop != k for h in r) for k, r in enumerate(replicas)):
+            raise ProtocolError("bad message: route replicas must list at least one worker per hop, in hop order")
         return cls(P.check_model_name(v.get("model")), _int(v.get("plan"), "plan"),
-                   _int(v.get("n_blocks"), "n_blocks", 1), shape, hops)
+                   _int(v.get("n_blocks"), "n_blocks", 1), shape, hops, replicas)
 
 
 @dataclass

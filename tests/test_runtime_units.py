@@ -131,14 +131,17 @@ def test_block_cache_lru_budget_pins_and_counters(tmp_path):
 # --- records -----------------------------------------------------------------------------------
 @pytest.mark.timeout(10)
 def test_records_round_trip_and_reject_garbage():
-    s = StageInfo("vit", 1, 4, 9, 14, 123, "tcp://10.0.0.2:5600")
+    s = StageInfo("vit", 1, 4, 9, 14, 123, ("tcp://10.0.0.2:5600", "tcp://10.0.0.3:5600"))  # next: 2 replicas
     assert StageInfo.from_msg(s.to_msg()) == s
     r = Route("vit", 123, 14, [3, 224, 224], [RouteHop(0, "a", "tcp://h:1", 0, 4), RouteHop(1, "b", "tcp://h:2", 4, 14)])
     assert Route.from_msg(r.to_msg()) == r and r.workers == ["a", "b"]
+    r2 = Route("vit", 123, 14, [3, 224, 224], r.hops, [[r.hops[0]], [r.hops[1], RouteHop(1, "c", "tcp://h:3", 4, 14)]])
+    assert Route.from_msg(r2.to_msg()) == r2 and r2.workers == ["a", "b", "c"]
     w = WorkerInfo("a", "tcp://h:1", "cpu", 10, stages=[s], stats=[["vit", 1, 5, 1.0, 1.5, 0]])
     w2 = WorkerInfo.from_msg(w.to_msg())
     assert w2.stages == [s] and w2.stage_stats()[("vit", 1)]["n"] == 5
-    for bad in (["vit", 1, 9, 4, 14, 1, None], ["vit", 1, 0, 99, 14, 1, None], "x", ["vit", 1, 0, 1, 14, 1, "ftp://x"]):
+    for bad in (["vit", 1, 9, 4, 14, 1, None], ["vit", 1, 0, 99, 14, 1, None], "x", ["vit", 1, 0, 1, 14, 1, "ftp://x"],
+                ["vit", 1, 0, 1, 14, 1, ["ftp://x"]], ["vit", 1, 0, 1, 14, 1, ["tcp://h:1"] * 17]):
         with pytest.raises(ProtocolError):
             StageInfo.from_msg(bad)
 

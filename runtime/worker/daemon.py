@@ -1,0 +1,197 @@
+"""The worker daemon: hosts stages, runs them, sends activations straight to the next stage's worker.
+
+Run one per board::
+
+    edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store /var/lib/edgesplit \\
+        --device cuda --memory-budget 2GiB          # name: the host name (unique per cluster)
+    # on one machine, for a try: edgesplit up --workers 3
+
+Three threads, one loop per file, so receiving, computing and sending overlap (pipelining)
+and heartbeats never wait behind a forward pass:
+
+- control (``control.py``, the main thread): registration, heartbeats, orders from the
+  coordinator; deploys (``deploy.py``) advance inside it;
+- data plane (``dataplane.py``): RUN in, outputs to the next stage's replicas, results to
+  requesters, custody (kept table, replay on a replica, bounded replies);
+- compute (``compute.py``): jobs from a bounded queue through the stage.
+
+This module holds what the three share: the settings, the hosted stages (replaced in one
+reference swap), the block cache, the queues between the threads and their counters.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import re
+import signal
+import socket as pysocket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from edgesplit.partitioner import BlockStore
+
+from .. import dummy  # noqa: F401  (registers the "dummy" builder used by routing tests and benchmarks)
+from .. import protocol as P
+from ..cache import BlockCache
+from ..config import opt
+from ..errors import ConfigError
+from ..links import RateMeter
+from ..telemetry import Telemetry
+from ..transport import SocketOptions, Waker, advertised, local_address_towards, router
+from .compute import ComputeLoop, Done, Job
+from .control import ControlLoop
+from .dataplane import DataPlane
+from .stage import Stage, StageStats
+
+log = logging.getLogger("edgesplit.worker")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A worker daemon's settings (``edgesplit worker --help`` lists them as flags)."""
+
+    coordinator: str = opt("tcp://127.0.0.1:5555", "coordinator endpoint to register with")
+    bind: str = opt("tcp://*:5600", "data endpoint to bind; activations arrive here (tcp://HOST:* = any free port)")
+    advertise: str | None = opt(None, "endpoint peers connect to (default: the bound address, with * replaced by "
+                                      "this host's address towards the coordinator)")
+    store: str = opt("./worker-store", "local block store; blocks it lacks are fetched from the coordinator into it")
+    device: str = opt("cpu", "where stages run: cpu, cuda or cuda:N")
+    memory_budget_bytes: int = opt(2 * 1024**3, "bytes of block tensors kept resident (e.g. 2GiB)", alias="--memory-budget")
+    name: str | None = opt(None, "worker name, unique in the cluster (default: this host's name); a second worker "
+                                 "under a live worker's name is refused")
+    torch_threads: int = opt(0, "torch intra-op threads for compute (0 = torch's default)")
+    queue_depth: int = opt(8, "requests queued for compute; beyond that a RUN is answered OVERLOADED at once")
+    max_kept: int = opt(64, "outputs kept until the next hop acknowledges them; when full, compute waits")
+    max_peers: int = opt(64, "open connections to peers and requesters (least recently used closed beyond)")
+    max_frame_bytes: int = opt(P.MAX_FRAME_BYTES, "largest tensor payload accepted per message (a larger frame "
+                                                  "makes libzmq drop the peer; a larger declared size is refused)")
+    heartbeat_ms: int = opt(P.HEARTBEAT_INTERVAL_MS, "heartbeat interval to the coordinator")
+    liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent heartbeat intervals before the coordinator is presumed dead")
+    crash_after: int = opt(0, "fault injection: exit abruptly after computing N requests (0 = off)")
+    stall_ms: int = opt(0, "fault injection: sleep this long before each compute (0 = off)")
+    log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
+
+
+class Worker:
+    """A worker daemon. ``run()`` blocks until ``stop()`` (or SIGINT/SIGTERM in the CLI)."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device} asked for, but torch sees no CUDA device; use --device cpu")
+        self.name = cfg.name or pysocket.gethostname().split(".")[0]
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError(f"worker name {self.name!r} must be 1-64 of letters, digits and . _ - ; pass --name")
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        # the identity on every socket: the name plus a per-process tag, so two processes never share one
+        self.ident = f"{self.name}/{os.urandom(4).hex()}".encode()
+        self.log = logging.getLogger(f"edgesplit.worker.{self.name}")
+        self.store = BlockStore(cfg.store)
+        self.cache = BlockCache(self.store, cfg.memory_budget_bytes, self.device)
+        self.ctx = zmq.Context(io_threads=1)
+        self.opts = SocketOptions(hwm_msgs=P.DATA_HWM_MSGS, max_frame_bytes=cfg.max_frame_bytes)
+        self.data, bound = router(self.ctx, cfg.bind, self.opts)
+        self.endpoint = cfg.advertise or advertised(bound, local_address_towards(cfg.coordinator))
+        self.stages: dict[tuple[str, int], Stage] = {}
+        self.stats = StageStats()
+        # next stages' endpoints -> measured link rate (the data plane adds and updates; others only read)
+        self.rates: collections.defaultdict[str, RateMeter] = collections.defaultdict(RateMeter)
+        self.telemetry = Telemetry(cfg.device)
+        self.inq: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, cfg.queue_depth))
+        self.outq: queue.Queue[Done] = queue.Queue(maxsize=max(1, cfg.queue_depth))
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # control -> data plane
+        self.waker = Waker()
+        self.stopping = threading.Event()
+        self.failed = False  # set when a thread died or the coordinator refused us: run_worker exits non-zero
+        self.compute = ComputeLoop(self)
+        self.dataplane = DataPlane(self)
+        self.control = ControlLoop(self)
+
+    def ttl_ms(self) -> int:
+        return self.cfg.heartbeat_ms * self.cfg.liveness
+
+    def counters(self) -> dict[str, int]:
+        """Every loop's counters, for heartbeats (each loop writes only its own)."""
+        return {**self.dataplane.report_counters(), **self.compute.counters,
+                "expired": self.dataplane.counters["expired"] + self.compute.counters["expired"]}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+        self.waker.wake()
+
+    def run(self) -> None:
+        """Serve until stopped: data plane and compute threads, control loop in the calling thread."""
+        threads = [threading.Thread(target=self._guarded, args=(loop,), name=name, daemon=True)
+                   for name, loop in (("io", self.dataplane.run), ("compute", self.compute.run))]
+        for t in threads:
+            t.start()
+        self.log.info("worker %s serving %s (device %s, budget %d B, store %s), coordinator %s", self.name,
+                      self.endpoint, self.device, self.cfg.memory_budget_bytes, self.store.root, self.cfg.coordinator)
+        try:
+            self.control.run()
+        except ConfigError as e:
+            self.log.critical("%s", e)
+            self.failed = True
+        finally:
+            self.stopping.set()
+            self.waker.wake()
+            try:
+                self.inq.put_nowait(None)
+            except queue.Full:
+                pass  # compute sees the stop flag after its current job
+            for t in threads:
+                t.join(timeout=2.0)
+            self.ctx.destroy(linger=0)
+            self.waker.close()
+            self.log.info("worker %s stopped", self.name)
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run a thread's loop; if it ends while the worker should run, stop the whole worker.
+
+        A worker whose io or compute thread died would still heartbeat and look alive while
+        serving nothing; exiting instead lets the coordinator declare it lost. (The exception
+        itself propagates to threading's excepthook, which prints the traceback.)
+        """
+        try:
+            loop()
+        finally:
+            if not self.stopping.is_set():
+                self.log.critical("the %s thread ended unexpectedly; stopping the worker",
+                                  threading.current_thread().name)
+                self.failed = True
+                self.stop()
+
+    def install(self, model: str, stages: list[Stage]) -> None:
+        """Replace ``model``'s hosted stages by ``stages`` (pins their blocks, unpins the old ones)."""
+        new = {k: v for k, v in self.stages.items() if k[0] != model}
+        for s in stages:
+            self.cache.pin(s.block_ids)
+            new[(model, s.info.hop)] = s
+        for k, old in self.stages.items():
+            if k[0] == model:
+                self.cache.unpin(old.block_ids)
+        self.stages = new  # one reference swap: io and compute threads see old or new, never half
+        for s in stages:  # a plan that routes to an endpoint says it is alive (again)
+            for ep in s.info.next:
+                self.events.put(("alive", ep))
+        self.waker.wake()
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """Run a worker in this process until SIGINT/SIGTERM; returns the exit code."""
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Worker(cfg)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    return 1 if worker.failed else 0

@@ -1,0 +1,376 @@
+"""The data plane loop: RUN in, outputs out to the next stage's replicas, results to requesters.
+
+It owns the data ROUTER (RUNs arrive; ACK/ERROR go back to their senders) and one DEALER
+per peer (:class:`~edgesplit.runtime.transport.PeerLinks`); nothing else touches them.
+
+Custody. A worker ACKs hop k to its sender once its own output for that request exists
+or the request ended. Outputs sent to the next stage stay in the kept table until that
+stage ACKs, so for every request in flight exactly one party holds its latest input:
+when the coordinator announces a lost worker, the keeper replays each output that was
+waiting on it to a live replica of the same stage (``att`` + 1), or reports WORKER_LOST
+to the requester when there is none. Results and errors for requesters are not kept:
+the client holds its own input until the result arrives and replays from there.
+
+Bounds. Everything held for a peer is capped and expires with the request's deadline,
+so a requester that takes nothing (a client that left) never holds back another's
+results: a reply it does not take is dropped and counted (``replies_dropped``). A full
+input queue answers OVERLOADED at once; a sender that gets OVERLOADED from the next
+stage keeps its output and retries shortly, on another replica when there is one.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import zmq
+
+from .. import protocol as P
+from ..errors import ProtocolError
+from ..protocol import Err, Msg
+from ..transport import PeerLinks, recv, send
+from .compute import Done, Job
+
+if TYPE_CHECKING:
+    from .daemon import Worker
+
+RETRY_OVERLOADED_S = 0.005  # a next stage that said OVERLOADED is asked again after this
+MAX_LINK_REPLIES = 1024  # ACK/ERROR replies parked for senders whose queue is full (then dropped)
+RECENT_RUNS = 4096  # (rid, hop, att) remembered to answer duplicates
+
+
+@dataclass
+class Kept:
+    """An output sent to the next stage and not yet acknowledged (replayable on a replica)."""
+
+    dest: str
+    frames: list[Any]
+    rep: str
+    model: str
+    hop: int
+    deadline: float  # monotonic
+    nbytes: int  # payload bytes, for the link's rate meter
+    t_send: float  # monotonic
+    replicas: tuple[str, ...]  # every endpoint of the next stage
+    att: int
+    retry_at: float = 0.0  # > 0: refused as OVERLOADED, send again then
+
+
+class DataPlane:
+    """The io thread's state and loop."""
+
+    def __init__(self, worker: "Worker") -> None:
+        w = self.w = worker
+        self.log = logging.getLogger(f"edgesplit.worker.{w.name}.data")
+        self.links = PeerLinks(w.ctx, w.ident, w.opts, max_outbox_msgs=w.cfg.max_kept, max_links=w.cfg.max_peers)
+        self.kept: collections.OrderedDict[tuple[bytes, int], Kept] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[tuple[bytes, int, int], bool] = collections.OrderedDict()
+        self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
+        self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
+        self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._rr = 0
+
+    def report_counters(self) -> dict[str, int]:
+        return {**self.counters, "replies_dropped": self.counters["replies_dropped"] + self.links.dropped,
+                "peers": len(self.links)}
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        w = self.w
+        next_sweep = time.monotonic()
+        while not w.stopping.is_set():
+            poller = zmq.Poller()
+            poller.register(w.data, zmq.POLLIN)
+            poller.register(w.waker, zmq.POLLIN)
+            for sock, flags in self.links.poll_flags():
+                poller.register(sock, flags)
+            busy = self.replies or self.held or any(k.retry_at for k in self.kept.values())
+            events = dict(poller.poll(5 if busy else 100))
+            if w.waker.fileno() in events:
+                w.waker.drain()
+            if w.data in events:
+                for _ in range(64):
+                    try:
+                        route, frames = recv(w.data, 1)
+                    except zmq.Again:
+                        break
+                    self.on_inbound(route, frames)
+            for sock, ev in events.items():
+                ep = self.links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
+                if ep is None:
+                    continue
+                if ev & zmq.POLLIN:
+                    for _ in range(64):
+                        try:
+                            _, frames = recv(sock)
+                        except zmq.Again:
+                            break
+                        self.on_link_reply(ep, frames)
+                if ev & zmq.POLLOUT:
+                    self.links.flush(ep)
+            self._drain_outputs()
+            while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
+                self.replies.popleft()
+            self._drain_events()
+            now = time.monotonic()
+            self._retry(now)
+            if now >= next_sweep:
+                next_sweep = now + 0.1
+                self._expire(now)
+        self.links.close_all()
+
+    def _drain_outputs(self) -> None:
+        """Compute's outputs go downstream while the kept table has room (else compute waits: back-pressure)."""
+        while len(self.kept) < self.w.cfg.max_kept:
+            if self.held:
+                done = self.held.popleft()
+            else:
+                try:
+                    done = self.w.outq.get_nowait()
+                except queue.Empty:
+                    return
+            if not self.forward(done):
+                self.held.appendleft(done)
+                return
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, arg = self.w.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "lost":
+                self.on_peer_lost(*arg)
+            elif kind == "alive":
+                self.lost_peers.pop(arg, None)
+
+    # --- inbound -------------------------------------------------------------------------------
+    def reply_link(self, route: list[bytes], frames: list[Any]) -> None:
+        """A link reply (ACK/ERROR) to a sender; parked if its queue is full, dropped past a bound."""
+        if not self.replies and send(self.w.data, frames, route=route):
+            return
+        if len(self.replies) < MAX_LINK_REPLIES:
+            self.replies.append((route, frames))
+        else:
+            self.counters["replies_dropped"] += 1
+
+    def on_inbound(self, route: list[bytes], frames: list[Any]) -> None:
+        w = self.w
+        t_recv = time.time()
+        try:
+            msg = P.decode(frames, max_frame_bytes=w.cfg.max_frame_bytes)
+        except ProtocolError as e:
+            self.counters["bad_messages"] += 1
+            self.log.warning("W: refused a message from %r: %s", route[0][:32], e)
+            self.reply_link(route, P.encode_error(salvage_rid(frames), Err.BAD_MESSAGE, f"worker {w.name}: {e}"))
+            return
+        if msg.type == Msg.HEARTBEAT:  # a liveness probe on the data socket
+            self.reply_link(route, P.encode(Msg.HEARTBEAT, msg.rid, 0, {"body": {"name": w.name}}))
+            return
+        if msg.type != Msg.RUN:
+            self.counters["bad_messages"] += 1
+            self.reply_link(route, P.encode_error(msg.rid, Err.BAD_MESSAGE,
+                                                  f"worker {w.name}'s data socket takes RUN, got {msg.type.name}"))
+            return
+        hop, model = msg.get("hop"), msg.get("mdl")
+        key = (msg.rid, hop, msg.get("att", 0))
+        if key in self.recent:  # a duplicate: ACK again if finished; if in progress its ACK will come
+            if self.recent[key]:
+                self.reply_link(route, P.encode(Msg.ACK, msg.rid, 0, {"hop": hop}))
+            return
+        stage = w.stages.get((model, hop))
+        if stage is None:
+            hosted = sorted(f"{m}/{h}" for m, h in w.stages)
+            self.reply_link(route, P.encode_error(
+                msg.rid, Err.NOT_DEPLOYED, f"worker {w.name} does not host stage {hop} of {model} "
+                f"(hosts {hosted[:16]}); deploy the model or refresh the route", hop=hop))
+            return
+        if msg.get("pln", stage.info.plan) != stage.info.plan:
+            self.reply_link(route, P.encode_error(
+                msg.rid, Err.NOT_DEPLOYED, f"{model} was redeployed: the request follows plan {msg.get('pln')}, "
+                f"worker {w.name} hosts plan {stage.info.plan}; refresh the route and resend", hop=hop))
+            return
+        if msg.budget_ms <= 0:
+            self.counters["expired"] += 1
+            self.reply_link(route, P.encode(Msg.ACK, msg.rid, 0, {"hop": hop}))  # custody ends here, unrun
+            return
+        try:
+            w.inq.put_nowait(Job(msg, route, t_recv, time.monotonic() + msg.budget_ms / 1000.0))
+        except queue.Full:
+            self.counters["overloaded"] += 1
+            self.reply_link(route, P.encode_error(msg.rid, Err.OVERLOADED, f"worker {w.name}'s input queue is full "
+                                                  f"({w.cfg.queue_depth} requests)", hop=hop))
+            return
+        self.recent[key] = False
+        while len(self.recent) > RECENT_RUNS:
+            self.recent.popitem(last=False)
+        self.counters["received"] += 1
+
+    # --- outbound ------------------------------------------------------------------------------
+    def _ack_upstream(self, job: Job) -> None:
+        msg = job.msg
+        key = (msg.rid, msg.get("hop"), msg.get("att", 0))
+        if key in self.recent:
+            self.recent[key] = True
+        self.reply_link(job.upstream, P.encode(Msg.ACK, msg.rid, 0, {"hop": msg.get("hop")}))
+
+    def _pick(self, replicas: tuple[str, ...], avoid: str | None = None) -> str | None:
+        """The live replica with the fewest outputs awaiting its ACK and room in its outbox (None: none live)."""
+        live = [ep for ep in replicas if ep not in self.lost_peers and ep != avoid] or \
+               [ep for ep in replicas if ep not in self.lost_peers]
+        if not live:
+            return None
+        load = collections.Counter(k.dest for k in self.kept.values())
+        self._rr += 1
+        return min(live, key=lambda ep: (self.links.full(ep), load[ep], (live.index(ep) + self._rr) % len(live)))
+
+    def forward(self, done: Done) -> bool:
+        """Send a computed output on (or report its error), then ACK upstream. False: no room now, retry."""
+        w, job = self.w, done.job
+        msg = job.msg
+        rid, hop, model, rep = msg.rid, msg.get("hop"), msg.get("mdl"), msg.get("rep")
+        if done.expired:
+            self._ack_upstream(job)
+            return True
+        if done.error is not None:
+            self.report(rep, rid, hop, job.deadline, *done.error, att=msg.get("att", 0))
+            self._ack_upstream(job)
+            return True
+        stage = done.stage
+        budget_ms = int((job.deadline - time.monotonic()) * 1000)
+        fields: dict[str, Any] = {"mdl": model, "hop": hop + 1, "pln": stage.info.plan}
+        if not stage.link_out.is_raw:
+            fields["cod"], fields["cmeta"] = stage.link_out.codec, done.cmeta
+        if "trc" in msg.header:
+            nbytes = sum(P.to_wire(p)[0].nbytes for p in done.payload)
+            fields["trc"] = [*msg.get("trc"), P.trace_record(hop, w.name, job.t_recv, done.t_start, done.t_end,
+                                                             time.time(), nbytes)]
+        if stage.info.is_last:
+            if not self.links.send(rep, P.encode(Msg.RESULT, rid, budget_ms, fields, done.payload), job.deadline,
+                                   droppable=True):
+                self.counters["replies_dropped"] += 1
+            self.counters["results"] += 1
+            self._ack_upstream(job)
+            return True
+        dest = self._pick(stage.info.next)
+        if dest is None:
+            names = sorted({self.lost_peers.get(ep, ep) for ep in stage.info.next})
+            self.report(rep, rid, hop + 1, job.deadline, Err.WORKER_LOST, f"every worker of stage {hop + 1} of "
+                        f"{model} ({', '.join(names)}) was lost; the coordinator re-plans, then resend",
+                        att=msg.get("att", 0))
+            self._ack_upstream(job)
+            return True
+        fields["rep"] = rep
+        att = msg.get("att", 0)
+        if att:
+            fields["att"] = att
+        frames = P.encode(Msg.RUN, rid, budget_ms, fields, done.payload)
+        if not self.links.send(dest, frames, job.deadline):
+            return False
+        self.kept[(rid, hop + 1)] = Kept(dest, frames, rep, model, hop + 1, job.deadline,
+                                         sum(P.frame_len(f) for f in frames[2:]), time.monotonic(),
+                                         stage.info.next, att)
+        self.counters["sent"] += 1
+        self._ack_upstream(job)
+        return True
+
+    def report(self, rep: str | None, rid: bytes, hop: int, deadline: float, code: Err, reason: str,
+               att: int = 0) -> None:
+        """Send a request's ERROR to its requester: best effort, bounded, dropped if it does not take it.
+
+        ``att`` says which attempt failed, so a requester that has replayed it ignores the old news.
+        """
+        self.counters["errors"] += 1
+        fields = {"hop": hop, "att": min(att, 255)} if att else {"hop": hop}
+        if rep and not self.links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True):
+            self.counters["replies_dropped"] += 1
+
+    # --- replies from the next stage -------------------------------------------------------------
+    def on_link_reply(self, endpoint: str, frames: list[Any]) -> None:
+        try:
+            msg = P.decode(frames)
+        except ProtocolError as e:
+            self.log.warning("W: bad reply from %s: %s", endpoint, e)
+            return
+        hop = msg.get("hop")
+        if msg.type == Msg.ACK:
+            k = self.kept.pop((msg.rid, hop), None)
+            if k is not None:  # a next stage's ACK: time the link to it
+                self.w.rates[k.dest].observe(k.nbytes, k.t_send, time.monotonic())
+        elif msg.type == Msg.ERROR:
+            k = self.kept.get((msg.rid, hop))
+            if k is None or k.dest != endpoint:
+                return
+            code, reason = msg.get("err")
+            if code == Err.OVERLOADED:  # keep custody, ask again shortly (another replica if there is one)
+                k.retry_at = time.monotonic() + RETRY_OVERLOADED_S
+                return
+            del self.kept[(msg.rid, hop)]
+            self.report(k.rep, msg.rid, k.hop, k.deadline, Err(code) if code in P.ERR_NAMES else Err.INTERNAL, reason,
+                        att=k.att)
+
+    def _retry(self, now: float) -> None:
+        for key, k in list(self.kept.items()):
+            if 0 < k.retry_at <= now:
+                dest = self._pick(k.replicas, avoid=k.dest) or k.dest
+                frames = P.restamp(k.frames, int((k.deadline - now) * 1000))
+                if self.links.send(dest, frames, k.deadline):
+                    k.dest, k.frames, k.retry_at, k.t_send = dest, frames, 0.0, now
+
+    def on_peer_lost(self, endpoint: str, name: str) -> None:
+        """Replay every output that waited on the lost worker to a live replica, else report it lost."""
+        self.lost_peers[endpoint] = name
+        while len(self.lost_peers) > 256:
+            del self.lost_peers[next(iter(self.lost_peers))]
+        self.links.drop_outbox(endpoint)
+        self.links.close(endpoint)
+        now = time.monotonic()
+        replayed = failed = 0
+        for key, k in list(self.kept.items()):
+            if k.dest != endpoint:
+                continue
+            dest = self._pick(k.replicas)
+            if dest is not None and now < k.deadline:
+                k.att += 1
+                frames = P.restamp(P.with_attempt(k.frames, k.att), int((k.deadline - now) * 1000))
+                if self.links.send(dest, frames, k.deadline):
+                    k.dest, k.frames, k.t_send, k.retry_at = dest, frames, now, 0.0
+                    replayed += 1
+                    continue
+            del self.kept[key]
+            failed += 1
+            self.report(k.rep, key[0], k.hop, k.deadline, Err.WORKER_LOST,
+                        f"worker {name} ({endpoint}) running stage {k.hop} of {k.model} was lost before finishing"
+                        + ("" if dest is None else "; its replicas are busy"), att=k.att)
+        self.counters["replayed"] += replayed
+        if replayed or failed:
+            self.log.warning("peer %s lost: %d request(s) replayed on a replica, %d reported failed", name,
+                             replayed, failed)
+
+    def _expire(self, now: float) -> None:
+        """Kept outputs past their deadline: the requester has given up (and said so itself); free them."""
+        for key, k in list(self.kept.items()):
+            if now > k.deadline:
+                del self.kept[key]
+                self.links.discard(k.dest, k.frames)
+                self.counters["kept_expired"] += 1
+        self.links.expire(now)
+
+
+def salvage_rid(frames: list[Any]) -> bytes:
+    """The request id of an invalid message when its header still parses, so the sender can match the error."""
+    try:
+        if len(frames) >= 2 and P.frame_len(frames[1]) <= P.HEADER_MAX_BYTES:
+            h = msgpack.unpackb(frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1]),
+                                raw=False, **P.UNPACK_LIMITS)
+            rid = h.get("rid") if isinstance(h, dict) else None
+            if isinstance(rid, bytes) and len(rid) == P.RID_BYTES:
+                return rid
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError):
+        pass
+    return bytes(P.RID_BYTES)

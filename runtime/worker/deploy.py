@@ -1,0 +1,195 @@
+"""DEPLOY orders: fetch the blocks the local store lacks in chunks, verify them, build the stages.
+
+Not a loop of its own: the control loop calls :meth:`Deployer.advance` every iteration, so
+a deploy never blocks heartbeats. Hash checks and module building run on the loader
+thread; the new stages replace the model's old ones in one reference swap.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+import zmq
+
+from edgesplit.partitioner import EdgesplitError, ModelManifest, build_blocks
+
+from .. import protocol as P
+from ..errors import ProtocolError
+from ..links import LinkSpec, check_link, codec_block, create_link_codec
+from ..protocol import Err, Msg
+from ..transport import send
+from ..types import StageInfo
+from .stage import Stage
+
+if TYPE_CHECKING:
+    from .daemon import Worker
+
+
+class _Deploy:
+    """A DEPLOY order in progress: fetch missing blocks chunk by chunk, then build the stages."""
+
+    def __init__(self, rid: bytes, manifest: ModelManifest, plan: int, stages: list[StageInfo],
+                 links: list[tuple[LinkSpec, LinkSpec]], missing: list[str]) -> None:
+        self.rid, self.manifest, self.plan, self.stages, self.links = rid, manifest, plan, stages, links
+        self.missing = collections.deque(missing)
+        self.current: str | None = None
+        self.buf: bytearray | None = None
+        self.size = -1
+        self.next_off = 0
+        self.received = 0
+        self.outstanding = 0
+        self.fetched_bytes = 0
+        self.verifying: list[concurrent.futures.Future] = []
+        self.build: concurrent.futures.Future | None = None
+        self.t0 = time.monotonic()
+
+
+class Deployer:
+    """Deploys in progress, keyed by the DEPLOY's request id."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.w = worker
+        self.log = logging.getLogger(f"edgesplit.worker.{worker.name}.deploy")
+        self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self.active: dict[bytes, _Deploy] = {}
+
+    def cancel_all(self) -> None:
+        """Fetch state is tied to one coordinator connection: drop it when that connection goes."""
+        self.active.clear()
+
+    def fail(self, sock: zmq.Socket, rid: bytes, code: Err, reason: str) -> bool:
+        """End a deploy with an error reply; False when ``rid`` is no deploy of ours."""
+        if self.active.pop(rid, None) is None:
+            return False
+        _reply(sock, P.encode_error(rid, code, f"worker {self.w.name}: {reason}"))
+        return True
+
+    def start(self, sock: zmq.Socket, msg: P.Message) -> None:
+        w = self.w
+        try:
+            body = msg.body
+            plan = P.body_get(body, "plan", int)
+            stages = [StageInfo.from_msg(s) for s in P.body_get(body, "stages", list)]
+            links_in = [LinkSpec.from_msg(l) for l in P.body_get(body, "links_in", list, [None] * len(stages))]
+            links_out = [LinkSpec.from_msg(l) for l in P.body_get(body, "links_out", list, [None] * len(stages))]
+            if not len(links_in) == len(links_out) == len(stages):
+                raise ProtocolError("bad message: DEPLOY needs one link spec in and out per stage")
+            links = list(zip(links_in, links_out))
+            model = P.check_model_name(P.body_get(body, "model", str))
+            manifest = ModelManifest.from_json(bytes(msg.blob(0)).decode())
+            if manifest.name != model or any(s.model != model or s.n_blocks != manifest.n_blocks for s in stages):
+                raise ProtocolError(f"bad message: DEPLOY of {model} carries a manifest of {manifest.name}")
+        except (EdgesplitError, UnicodeDecodeError) as e:
+            _reply(sock, P.encode_error(msg.rid, Err.DEPLOY_FAILED, f"worker {w.name}: bad DEPLOY: {e}"))
+            return
+        needed = list(dict.fromkeys([b.id for s in stages for b in manifest.blocks[s.start:s.end]]
+                                    + [c for pair in links for c in (codec_block(l, manifest) for l in pair) if c]))
+        missing = [bid for bid in needed if bid not in w.cache and not w.store.has(bid)]
+        self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing)
+        self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
+                      [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed))
+
+    def on_chunk(self, sock: zmq.Socket, msg: P.Message) -> None:
+        d = self.active.get(msg.rid)
+        if d is None or d.current is None:
+            return  # a late chunk of a cancelled deploy
+        try:
+            bid = P.body_get(msg.body, "id", str)
+            off = P.body_get(msg.body, "off", int)
+            size = P.body_get(msg.body, "size", int)
+        except ProtocolError as e:
+            self.log.warning("W: bad CHUNK: %s", e)
+            return
+        data = msg.blob(0)
+        if bid != d.current or off < 0 or size < 0 or off + len(data) > size or (d.size >= 0 and size != d.size):
+            self.fail(sock, d.rid, Err.DEPLOY_FAILED, f"inconsistent chunk of block {bid[:12]}")
+            return
+        if d.buf is None:
+            budget = self.w.cfg.memory_budget_bytes
+            if size > budget + P.CHUNK_BYTES:
+                self.fail(sock, d.rid, Err.DEPLOY_FAILED, f"block {bid[:12]} is {size} B, above the memory "
+                                                          f"budget of {budget} B")
+                return
+            d.size, d.buf = size, bytearray(size)
+        d.buf[off:off + len(data)] = data
+        d.received += len(data)
+        d.outstanding -= 1
+
+    def advance(self, sock: zmq.Socket) -> None:
+        """One step of every deploy in progress."""
+        for d in list(self.active.values()):
+            try:
+                self._advance(sock, d)
+            except (EdgesplitError, RuntimeError, ValueError, OSError) as e:
+                self.log.error("deploy of %s failed: %s", d.manifest.name, e)
+                self.fail(sock, d.rid, Err.DEPLOY_FAILED, str(e))
+
+    def _advance(self, sock: zmq.Socket, d: _Deploy) -> None:
+        """Request chunks within the credit, verify whole blocks, then build and install."""
+        w = self.w
+        if d.current is not None and d.size >= 0 and d.received >= d.size:
+            data = bytes(d.buf)
+            bid = d.current
+            d.fetched_bytes += len(data)
+            d.verifying.append(self.loader.submit(w.store.put_bytes, bid, data))  # hash check off-thread
+            d.current, d.buf, d.size, d.next_off, d.received, d.outstanding = None, None, -1, 0, 0, 0
+        if d.current is None and d.missing:
+            d.current = d.missing.popleft()
+        if d.current is not None:
+            # the first chunk tells the size; after it, keep FETCH_CREDIT requests outstanding
+            limit = 1 if d.size < 0 else P.FETCH_CREDIT
+            while d.outstanding < limit and (d.size < 0 and d.next_off == 0 or 0 <= d.next_off < d.size):
+                frames = P.encode(Msg.FETCH, d.rid, w.ttl_ms(),
+                                  {"body": {"id": d.current, "off": d.next_off, "len": P.CHUNK_BYTES}})
+                if not send(sock, frames):
+                    break
+                d.next_off += P.CHUNK_BYTES
+                d.outstanding += 1
+            return
+        for f in d.verifying:
+            if not f.done():
+                return
+            f.result()  # raises BlockHashMismatch for a corrupt transfer
+        if d.build is None:
+            d.build = self.loader.submit(self._build, d)
+            return
+        if not d.build.done():
+            return
+        stages = d.build.result()
+        self.active.pop(d.rid, None)
+        w.install(d.manifest.name, stages)
+        load_ms = (time.monotonic() - d.t0) * 1000
+        self.log.info("deployed %s plan %d: hops %s in %.0f ms (%d B fetched)", d.manifest.name, d.plan,
+                      [s.info.hop for s in stages], load_ms, d.fetched_bytes)
+        _reply(sock, P.encode(Msg.DEPLOYED, d.rid, 0, {"body": {
+            "model": d.manifest.name, "plan": d.plan, "stages": [s.info.to_msg() for s in stages],
+            "load_ms": load_ms, "fetched_bytes": d.fetched_bytes}}))
+
+    def _build(self, d: _Deploy) -> list[Stage]:
+        """Loader thread: blocks through the cache, stage modules aliasing the cached tensors."""
+        w = self.w
+        out = []
+        for info, (link_in, link_out) in zip(d.stages, d.links):
+            entries = d.manifest.blocks[info.start:info.end]
+            tensors = {b.id: w.cache.get(b.id) for b in entries}
+            module = build_blocks(w.store, d.manifest, info.start, info.end, w.device, tensors=tensors)
+            for child, entry in zip(module.children(), entries):
+                child.load_state_dict(tensors[entry.id], strict=True, assign=True)  # share the cache's memory
+            in_shape = list(d.manifest.input_shape if info.start == 0 else d.manifest.blocks[info.start - 1].out_shape)
+            with torch.inference_mode():
+                module(torch.zeros(1, *in_shape, device=w.device))  # warm-up: first-call allocations
+            codec_in = create_link_codec(link_in, d.manifest, w.store, w.device)
+            codec_out = create_link_codec(link_out, d.manifest, w.store, w.device)
+            check_link(codec_out, link_out)
+            out.append(Stage(info, module.eval(), [b.id for b in entries], in_shape, link_in, link_out,
+                             codec_in, codec_out))
+        return out
+
+
+def _reply(sock: zmq.Socket, frames: list[Any]) -> None:
+    if not send(sock, frames):
+        logging.getLogger("edgesplit.worker").warning("W: coordinator queue full; reply dropped (it will time out)")

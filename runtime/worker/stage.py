@@ -1,0 +1,73 @@
+"""What the worker's loops share about hosted stages: the stage record, its statistics, input checks."""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadInput
+from ..links import LinkCodec, LinkSpec
+from ..types import StageInfo
+
+
+@dataclass
+class Stage:
+    """A hosted stage: its place on the route, the module, its block ids, and the codecs of its two links."""
+
+    info: StageInfo
+    module: nn.Module
+    block_ids: list[str]
+    in_shape: list[int]  # per-sample input shape
+    link_in: LinkSpec  # how its input arrives (the previous cut)
+    link_out: LinkSpec  # how its output leaves (the next cut)
+    codec_in: LinkCodec | None  # None = raw
+    codec_out: LinkCodec | None
+
+
+class StageStats:
+    """Recent compute times per stage, read by the heartbeat (thread-safe)."""
+
+    def __init__(self, window: int = 512) -> None:
+        self.window = window
+        self._lock = threading.Lock()
+        self._ms: dict[tuple[str, int], collections.deque] = {}
+        self._count: collections.Counter = collections.Counter()
+        self._errors: collections.Counter = collections.Counter()
+
+    def add(self, key: tuple[str, int], ms: float | None) -> None:
+        with self._lock:
+            if ms is None:
+                self._errors[key] += 1
+                return
+            self._ms.setdefault(key, collections.deque(maxlen=self.window)).append(ms)
+            self._count[key] += 1
+
+    def p50_ms(self, key: tuple[str, int]) -> float:
+        """Median recent compute time of a stage (0 when never run)."""
+        with self._lock:
+            ms = sorted(self._ms.get(key, ()))
+        return ms[len(ms) // 2] if ms else 0.0
+
+    def report(self) -> list[list[Any]]:
+        """``[[model, hop, n, compute_ms_p50, compute_ms_mean, errors], ...]``."""
+        with self._lock:
+            out = []
+            for key in sorted(set(self._ms) | set(self._errors)):
+                ms = sorted(self._ms.get(key, ()))
+                p50 = ms[len(ms) // 2] if ms else 0.0
+                mean = sum(ms) / len(ms) if ms else 0.0
+                out.append([key[0], key[1], self._count[key], round(p50, 4), round(mean, 4), self._errors[key]])
+            return out
+
+
+def check_input(x: torch.Tensor, stage: Stage, worker: str) -> None:
+    """Raise BadInput unless ``x`` is a float32 batch of the stage's per-sample shape."""
+    if x.dim() != len(stage.in_shape) + 1 or list(x.shape[1:]) != stage.in_shape:
+        raise BadInput(f"stage {stage.info.hop} of {stage.info.model} on {worker} expects input (B, "
+                       f"{', '.join(map(str, stage.in_shape))}), got {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise BadInput(f"stage {stage.info.hop} of {stage.info.model} expects float32 input, got {x.dtype}")
