@@ -3,16 +3,21 @@
 ::
 
     python benchmarks/transport.py                  # both parts, defaults below
-    python benchmarks/transport.py --part transfer --repeats 7
+    python benchmarks/transport.py --part transfer --repeats 7 --sizes 64,1024 --hwm 8
     python benchmarks/transport.py --part pipeline --requests 300 --in-flight 8
 
 Part 1 (transfer): one sender process streams activations of 64 KiB, 1, 4 and 16 MiB to one
-receiver process over tcp loopback, (a) through edgesplit's link exactly as a worker sends
-a hop -- ``protocol.encode`` of a RUN with the tensor frame zero-copy, the worker's DEALER
-options, the receiver's validating ``decode`` to a tensor and an ACK per message, the
-sender's bounded kept table -- and (b) through raw pyzmq PUSH/PULL with the same
-high-water marks, measured in the same run. Median of ``--repeats`` timed rounds after a
-warm-up; the ratio edgesplit / raw is printed.
+receiver process over tcp loopback, (a) through edgesplit's link as a worker sends a hop --
+``protocol.encode`` of a RUN with the tensor frame zero-copy through ``PeerLinks`` (the
+worker's DEALER options and non-blocking outbox), the receiver's validating ``decode`` to
+a tensor, one batched ACK (``protocol.encode_acks``) per sender for everything drained in
+one poll cycle, and the sender keeping every message (at most 64) until an ACK names it --
+and (b) through raw pyzmq PUSH/PULL, zero-copy from the same kind of memory (a torch tensor's:
+numpy would back a large array with huge pages) and with the same high-water marks
+(``--hwm``, default ``protocol.DATA_HWM_MSGS``). Both kinds share the two processes and their rounds
+alternate, so each edgesplit round is compared with a raw round next to it in time; the
+ratio is the median over ``--repeats`` such pairs. Each process's CPU time (all threads)
+per message is printed too: on a loaded machine it moves much less than the rates.
 
 Part 2 (pipeline): a coordinator and 2 worker processes (one torch thread each), a model
 split into 2 stages, ``--requests`` inputs streamed with ``--in-flight`` outstanding.
@@ -28,11 +33,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = [64 * 1024, 1 << 20, 4 << 20, 16 << 20]
 OUT = Path(__file__).resolve().parent / "out"
@@ -43,7 +50,46 @@ def _n_messages(size: int) -> int:
 
 
 # --- part 1: transfer --------------------------------------------------------------------------
-def _receiver(kind: str, size: int, rounds: int, warmup: int, q: mp.Queue) -> None:
+KINDS = ("raw", "edgesplit")
+
+
+def _drain(sock: Any, take: Any, limit: int) -> int:
+    """Take every message readable now (at most ``limit``), as a worker's io loop does per poll cycle."""
+    import zmq
+
+    n = 0
+    while n < limit:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            break
+        take(frames)
+        n += 1
+    return n
+
+
+def _receive_round(sock: Any, take: Any, flush: Any, total: int, warmup: int) -> dict[str, float]:
+    """Receive ``total`` messages; time and CPU from the first drained batch past ``warmup`` (the pipe is full)."""
+    from edgesplit.runtime import protocol as P
+
+    got = batches = 0
+    t0 = cpu0 = None
+    got0 = 0
+    while got < total:
+        if not sock.poll(60_000):  # a lost message ends the run with an error, not a hang
+            raise TimeoutError(f"receiver: nothing for 60 s after {got} of {total} messages")
+        got += _drain(sock, take, P.MAX_ACKS)
+        batches += 1
+        flush()
+        if t0 is None and got >= warmup:
+            t0, cpu0, got0 = time.perf_counter(), time.process_time(), got
+    n = max(1, got - got0)
+    return {"s_per_msg": (time.perf_counter() - t0) / n, "recv_cpu": (time.process_time() - cpu0) / n,
+            "msgs_per_batch": got / batches}
+
+
+def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
+    """Owns a PULL (raw) and a ROUTER (edgesplit) socket; receives one round per job from ``ctl``."""
     import numpy as np
     import zmq
 
@@ -51,126 +97,188 @@ def _receiver(kind: str, size: int, rounds: int, warmup: int, q: mp.Queue) -> No
     from edgesplit.runtime.transport import SocketOptions, router
 
     ctx = zmq.Context()
-    n = _n_messages(size)
-    ctx.setsockopt(zmq.RCVTIMEO, 60_000)  # a lost message ends the run with an error, not a hang
-    if kind == "raw":
-        sock = ctx.socket(zmq.PULL)
-        sock.setsockopt(zmq.RCVHWM, P.DATA_HWM_MSGS)
-        sock.setsockopt(zmq.LINGER, 0)
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        q.put(f"tcp://127.0.0.1:{port}")
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, hwm)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    rtr, endpoint = router(ctx, "tcp://127.0.0.1:*", SocketOptions(hwm_msgs=hwm))
+    out.put({"raw": f"tcp://127.0.0.1:{port}", "edgesplit": endpoint})
+    acks: dict[bytes, list[tuple[bytes, int]]] = {}
 
-        def take() -> None:
-            f = sock.recv(copy=False)
-            np.frombuffer(f.buffer, dtype=np.float32)
-    else:
-        sock, endpoint = router(ctx, "tcp://127.0.0.1:*", SocketOptions())
-        q.put(endpoint)
+    def take_raw(frames: list) -> None:
+        np.frombuffer(frames[0].buffer, dtype=np.float32)
 
-        def take() -> None:
-            frames = sock.recv_multipart(copy=False)
-            msg = P.decode(frames[1:])
-            msg.tensor(0)  # a tensor over the frame, as the worker's compute gets it
-            sock.send_multipart([frames[0].bytes, *P.encode(P.Msg.ACK, msg.rid, 0, {"hop": msg.get("hop")})])
+    def take_edgesplit(frames: list) -> None:
+        msg = P.decode(frames[1:])
+        msg.tensor(0)  # a tensor over the frame, as the worker's compute gets it
+        acks.setdefault(frames[0].bytes, []).append((msg.rid, msg.get("hop")))
 
-    for _ in range(warmup):
-        take()
-    times = []
-    for _ in range(rounds):
-        take()  # the clock starts at a message's arrival, so the pipe is full
-        t0 = time.perf_counter()
-        for _ in range(n - 1):
-            take()
-        times.append(time.perf_counter() - t0)
-    q.put(times)
-    sock.setsockopt(zmq.LINGER, 2000)  # let the last ACKs out
-    sock.close()
+    def ack_batch() -> None:
+        for route, pairs in acks.items():  # custody of the whole drained batch: one ACK per sender
+            for ack in P.encode_acks(pairs):
+                rtr.send_multipart([route, *ack], copy=False)
+        acks.clear()
+
+    for kind, total, warmup in iter(ctl.get, None):
+        if kind == "raw":
+            out.put(_receive_round(pull, take_raw, lambda: None, total, warmup))
+        else:
+            out.put(_receive_round(rtr, take_edgesplit, ack_batch, total, warmup))
+    pull.close()
+    rtr.close()
     ctx.term()
 
 
-def _sender(kind: str, size: int, rounds: int, warmup: int, endpoint: str) -> None:
-    import collections
-
-    import numpy as np
+def _transfer_sender(hwm: int, endpoints: dict[str, str], ctl: Any, out: Any) -> None:
+    """Owns a PUSH (raw) and edgesplit's PeerLinks; sends one round per job from ``ctl``."""
     import torch
     import zmq
 
-    from edgesplit.runtime import protocol as P
     from edgesplit.runtime.transport import PeerLinks, SocketOptions
 
-    total = warmup + rounds * _n_messages(size)
     ctx = zmq.Context()
-    if kind == "raw":
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, P.DATA_HWM_MSGS)
-        sock.setsockopt(zmq.LINGER, -1)  # deliver everything before close returns
-        sock.connect(endpoint)
-        buf = np.ones(size // 4, dtype=np.float32)
-        for _ in range(total):
-            sock.send(buf, copy=False)
-        sock.close()
-    else:
-        links = PeerLinks(ctx, b"bench-sender", SocketOptions(), max_outbox_msgs=64)
-        x = torch.ones(size // 4)
-        kept: collections.OrderedDict = collections.OrderedDict()
-        link = links.link(endpoint)
-        sent = acked = 0
-        max_kept = 64  # the worker's default kept-table bound
-        last_progress = time.monotonic()
-        while acked < total and time.monotonic() - last_progress < 10:  # the receiver may exit before the last ACKs
-            while sent < total and len(kept) < max_kept and links.pending(endpoint) == 0:
-                rid = P.new_rid()
-                frames = P.encode(P.Msg.RUN, rid, 10_000, {"mdl": "bench", "hop": 1, "rep": endpoint}, [x])
-                links.send(endpoint, frames)
-                kept[rid] = frames
-                sent += 1
-            if link.poll(5, zmq.POLLIN | (zmq.POLLOUT if links.pending(endpoint) else 0)) & zmq.POLLOUT:
-                links.flush(endpoint)
-            while True:
-                try:
-                    reply = P.decode(link.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-                if kept.pop(reply.rid, None) is not None:
-                    acked += 1
-                    last_progress = time.monotonic()
-        links.close_all()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, hwm)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoints["raw"])
+    links = PeerLinks(ctx, b"bench-sender", SocketOptions(hwm_msgs=hwm), max_outbox_msgs=64)
+    for kind, size, total in iter(ctl.get, None):
+        cpu0 = time.process_time()
+        if kind == "raw":
+            buf = torch.ones(size // 4).numpy()  # torch's memory, as edgesplit's: numpy would madvise huge pages
+            for _ in range(total):
+                push.send(buf, copy=False)
+        else:
+            _edgesplit_send(links, endpoints["edgesplit"], torch.ones(size // 4), total)
+        out.put((time.process_time() - cpu0) / total)
+    links.close_all()
+    push.close()
     ctx.term()
 
 
-def measure_transfer(kind: str, size: int, rounds: int, warmup: int) -> list[float]:
-    """Seconds per timed round (``_n_messages(size)`` messages) for one link kind."""
-    spawn = mp.get_context("spawn")
-    q = spawn.Queue()
-    recv = spawn.Process(target=_receiver, args=(kind, size, rounds, warmup, q))
-    recv.start()
-    endpoint = q.get(timeout=60)
-    send = spawn.Process(target=_sender, args=(kind, size, rounds, warmup, endpoint))
-    send.start()
-    times = q.get(timeout=300)
-    send.join(60)
-    recv.join(60)
-    return times
+def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, max_kept: int = 64) -> None:
+    """Send ``total`` RUNs of ``x`` as a worker sends a hop: each kept until an ACK names it, at most ``max_kept``."""
+    import zmq
+
+    from edgesplit.runtime import protocol as P
+
+    link = links.link(endpoint)
+    kept: dict[tuple[bytes, int], list] = {}
+    sent = acked = 0
+    last_progress = time.monotonic()
+    while acked < total and time.monotonic() - last_progress < 60:  # a lost ACK ends the run with an error
+        while sent < total and len(kept) < max_kept and not links.pending(endpoint):
+            rid = P.new_rid()
+            frames = P.encode(P.Msg.RUN, rid, 10_000, {"mdl": "bench", "hop": 1, "rep": endpoint}, [x])
+            links.send(endpoint, frames)
+            kept[(rid, 1)] = frames
+            sent += 1
+        if link.poll(5, zmq.POLLIN | (zmq.POLLOUT if links.pending(endpoint) else 0)) & zmq.POLLOUT:
+            links.flush(endpoint)
+        while True:
+            try:
+                reply = P.decode(link.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+            for pair in reply.acked():
+                if kept.pop(pair, None) is not None:
+                    acked += 1
+                    last_progress = time.monotonic()
+    if kept:
+        raise RuntimeError(f"{len(kept)} of {total} messages were never acknowledged")
+
+
+class _TransferPair:
+    """A sender and a receiver process, each holding both kinds of link, so rounds of the two kinds alternate."""
+
+    def __init__(self, hwm: int) -> None:
+        spawn = mp.get_context("spawn")
+        self.recv_ctl, self.recv_out, self.send_ctl, self.send_out = (spawn.Queue() for _ in range(4))
+        self.recv = spawn.Process(target=_transfer_receiver, args=(hwm, self.recv_ctl, self.recv_out), daemon=True)
+        self.recv.start()
+        endpoints = self.recv_out.get(timeout=120)
+        self.send = spawn.Process(target=_transfer_sender, args=(hwm, endpoints, self.send_ctl, self.send_out),
+                                  daemon=True)
+        self.send.start()
+
+    def round(self, kind: str, size: int, total: int, warmup: int) -> dict[str, float]:
+        """One timed round: seconds and CPU seconds (each process, all its threads) per message."""
+        self.recv_ctl.put((kind, total, warmup))
+        self.send_ctl.put((kind, size, total))
+        res = self._get(self.recv_out)
+        res["send_cpu"] = self._get(self.send_out)
+        return res
+
+    def _get(self, q: Any, timeout_s: float = 600) -> Any:
+        """The next result, or an error as soon as either process has died (its traceback is on stderr)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                return q.get(timeout=1)
+            except queue.Empty:
+                if not (self.send.is_alive() and self.recv.is_alive()):
+                    raise RuntimeError(f"a transfer process died (sender exit {self.send.exitcode}, "
+                                       f"receiver exit {self.recv.exitcode})") from None
+        raise TimeoutError(f"no transfer result in {timeout_s} s")
+
+    def close(self) -> None:
+        self.send_ctl.put(None)
+        self.recv_ctl.put(None)
+        self.send.join(30)
+        self.recv.join(30)
+
+
+def measure_transfer(size: int, repeats: int, warmup: int, hwm: int) -> dict[str, list[dict[str, float]]]:
+    """``repeats`` rounds of each kind at ``size``, alternating raw/edgesplit (and which goes first), one pair at a time.
+
+    Other programs' load on a small machine changes from second to second; neighbouring
+    rounds see nearly the same, so the ratio is taken within each pair.
+    """
+    pair = _TransferPair(hwm)
+    total = warmup + _n_messages(size)
+    res: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    try:
+        for kind in KINDS:  # untimed: connections up, buffers and caches warm
+            pair.round(kind, size, warmup * 2, warmup)
+        for r in range(repeats):
+            for kind in (KINDS if r % 2 == 0 else KINDS[::-1]):
+                res[kind].append(pair.round(kind, size, total, warmup))
+    finally:
+        pair.close()
+    return res
+
+
+def _summary(size: int, rounds: list[dict[str, float]]) -> dict[str, Any]:
+    med = statistics.median(r["s_per_msg"] for r in rounds)
+    return {"gb_per_s": size / med / 1e9, "us_per_msg": med * 1e6,
+            "send_cpu_us": statistics.median(r["send_cpu"] for r in rounds) * 1e6,
+            "recv_cpu_us": statistics.median(r["recv_cpu"] for r in rounds) * 1e6,
+            "msgs_per_batch": statistics.median(r["msgs_per_batch"] for r in rounds), "rounds": rounds}
 
 
 def run_transfer(args: argparse.Namespace) -> list[dict]:
     rows = []
-    print(f"\n[transfer] tcp loopback, HWM {8} msgs, {args.repeats} timed rounds of ~64 MiB after "
-          f"{args.warmup} warm-up messages; medians")
-    print(f"{'size':>8}  {'raw pyzmq GB/s':>15} {'ms/msg':>8}  {'edgesplit GB/s':>15} {'ms/msg':>8}  {'ratio':>6}")
-    for size in SIZES:
-        n = _n_messages(size)
-        res = {}
-        for kind in ("raw", "edgesplit"):
-            times = measure_transfer(kind, size, args.repeats, args.warmup)
-            med = statistics.median(times)
-            res[kind] = {"gb_per_s": (n - 1) * size / med / 1e9, "ms_per_msg": med / (n - 1) * 1e3,
-                         "rounds_s": times}
-        ratio = res["edgesplit"]["gb_per_s"] / res["raw"]["gb_per_s"]
+    print(f"\n[transfer] tcp loopback, HWM {args.hwm} msgs on both kinds' sockets, {args.repeats} pairs of timed "
+          f"rounds (~64 MiB each, after {args.warmup} messages that fill the pipe), kinds alternating; medians.\n"
+          f"edgesplit: RUN encode + zero-copy frame, validating decode to a tensor, one batched ACK per drained "
+          f"batch, sender keeps <= 64 until ACKed.\nratio = median over pairs of edgesplit/raw throughput; "
+          f"CPU = sender+receiver process CPU (all threads) per message")
+    print(f"{'size':>8}  {'raw GB/s':>9} {'us/msg':>8} {'CPU us':>11}  {'edgesplit GB/s':>14} {'us/msg':>8} "
+          f"{'CPU us':>11} {'msgs/ACK':>8}  {'ratio':>5} {'(min-max)':>11}  {'CPU ratio':>9}")
+    for size in args.sizes:
+        m = measure_transfer(size, args.repeats, args.warmup, args.hwm)
+        res = {k: _summary(size, m[k]) for k in KINDS}
+        ratios = [a["s_per_msg"] / b["s_per_msg"] for a, b in zip(m["raw"], m["edgesplit"])]
+        ratio = statistics.median(ratios)
+        raw, es = res["raw"], res["edgesplit"]
+        cpu_ratio = (raw["send_cpu_us"] + raw["recv_cpu_us"]) / (es["send_cpu_us"] + es["recv_cpu_us"])
         label = f"{size >> 10} KiB" if size < (1 << 20) else f"{size >> 20} MiB"
-        print(f"{label:>8}  {res['raw']['gb_per_s']:>15.2f} {res['raw']['ms_per_msg']:>8.3f}  "
-              f"{res['edgesplit']['gb_per_s']:>15.2f} {res['edgesplit']['ms_per_msg']:>8.3f}  {ratio:>6.2f}")
-        rows.append({"size_bytes": size, "messages_per_round": n, **res, "ratio": ratio})
+        print(f"{label:>8}  {raw['gb_per_s']:>9.2f} {raw['us_per_msg']:>8.1f} "
+              f"{raw['send_cpu_us']:>5.0f}+{raw['recv_cpu_us']:<5.0f}  {es['gb_per_s']:>14.2f} {es['us_per_msg']:>8.1f} "
+              f"{es['send_cpu_us']:>5.0f}+{es['recv_cpu_us']:<5.0f} {es['msgs_per_batch']:>8.1f}  {ratio:>5.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f})  {cpu_ratio:>9.2f}", flush=True)
+        rows.append({"size_bytes": size, "messages_per_round": _n_messages(size), **res, "ratio": ratio,
+                     "pair_ratios": ratios, "cpu_ratio": cpu_ratio})
     return rows
 
 
@@ -271,7 +379,7 @@ def _plot(transfer: list[dict]) -> None:
     sizes = [r["size_bytes"] / (1 << 20) for r in transfer]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(sizes, [r["raw"]["gb_per_s"] for r in transfer], "o-", label="raw pyzmq PUSH/PULL")
-    ax.plot(sizes, [r["edgesplit"]["gb_per_s"] for r in transfer], "s-", label="edgesplit link (+decode, ACK)")
+    ax.plot(sizes, [r["edgesplit"]["gb_per_s"] for r in transfer], "s-", label="edgesplit link (+decode, batched ACKs)")
     ax.set_xscale("log")
     ax.set_xlabel("activation size (MiB)")
     ax.set_ylabel("GB/s, tcp loopback")
@@ -285,12 +393,20 @@ def main() -> int:
     p.add_argument("--part", choices=["all", "transfer", "pipeline"], default="all", help="what to measure")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per size and link kind (median reported)")
     p.add_argument("--warmup", type=int, default=16, help="warm-up messages before timing")
+    p.add_argument("--sizes", type=lambda v: [int(float(x) * 1024) for x in v.split(",")], default=SIZES,
+                   help="transfer sizes in KiB, comma-separated (default: 64,1024,4096,16384)")
+    p.add_argument("--hwm", type=int, default=None,
+                   help="send/receive high-water mark of both kinds' sockets (default: protocol.DATA_HWM_MSGS)")
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model for the pipeline part")
     p.add_argument("--requests", type=int, default=200, help="timed requests per pipeline run")
     p.add_argument("--warmup-requests", type=int, default=20, help="untimed requests before the pipeline runs")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight for the pipelined run (1 is also run)")
     p.add_argument("--split", type=int, default=0, help="block where stage 2 starts (default: half the blocks)")
     args = p.parse_args()
+    if args.hwm is None:
+        from edgesplit.runtime import protocol as P
+
+        args.hwm = P.DATA_HWM_MSGS
     OUT.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     print(f"config: {vars(args)}; cpus {os.cpu_count()}; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")

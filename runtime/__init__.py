@@ -17,6 +17,7 @@ _EXPORTS = {
     "BlockCache": "cache",
     "Route": "types", "RouteHop": "types", "StageInfo": "types", "WorkerInfo": "types", "WorkerState": "types",
     "PlannedStage": "plan", "layerwise_plan": "plan", "balanced_splits": "plan",
+    "PlannedHop": "plan", "place_replicas": "plan", "PlanRecord": "plans", "PlanStore": "plans",
     "LinkSpec": "links", "create_link_codec": "links",
     "RuntimeFailure": "errors", "ProtocolError": "errors", "UnknownModel": "errors", "BadInput": "errors",
     "WorkerLost": "errors", "RequestTimeout": "errors", "Overloaded": "errors", "DeployError": "errors",

@@ -4,13 +4,14 @@
 
     edgesplit demo                                   # the main job: split a model 3 ways on loopback, report
     edgesplit up --workers 3                         # a local cluster until Ctrl-C
+    edgesplit up --workers 4 --replicas 2            # 2 stages, each on 2 workers (a loss costs no request)
     edgesplit infer --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --input x.npy
     edgesplit link --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --cut 0 --budget 8
 
     # three boards: one coordinator, one worker per board
     edgesplit partition vit_tiny_patch16_224 --store ./store
     edgesplit coordinator --bind tcp://*:5555 --store ./store
-    edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store ./ws --name jetson-1
+    edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store ./ws   # name: the host name
 
 Subcommands' arguments are only built for the subcommand being run, so ``edgesplit --help``
 imports nothing heavy.
@@ -230,7 +231,11 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     add_arguments(p, LocalClusterConfig)
     p.add_argument("--model", default="vit_tiny_patch16_224",
                    help="timm model to partition into the store and deploy over the workers ('none' = skip)")
-    p.add_argument("--stages", type=int, default=0, help="stages of the deployed model (default: one per worker)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="stages of the deployed model (default: one per group of --replicas workers)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="workers per stage: each stage runs on this many workers, so losing one costs no request "
+                        "(needs at least this many workers)")
     p.add_argument("--store", default=None, help="coordinator block store (default: a temporary one, removed at exit)")
 
 
@@ -249,6 +254,11 @@ def _run_up(args: argparse.Namespace) -> int:
     from .cluster import LocalCluster, LocalClusterConfig
 
     cfg = _build(LocalClusterConfig, args, "up")
+    if not 1 <= args.replicas <= cfg.workers:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--replicas {args.replicas} needs 1..--workers ({cfg.workers}) workers per stage; "
+                          "start more workers or ask for fewer replicas")
     _interrupt_on_sigterm()
     tmp = None if args.store else tempfile.mkdtemp(prefix="edgesplit-up-")
     store_dir = args.store or os.path.join(tmp, "store")
@@ -266,8 +276,10 @@ def _run_up(args: argparse.Namespace) -> int:
         with LocalCluster(cfg, store=store_dir) as lc:
             cl = lc.client()
             if args.model and args.model != "none":
-                route = cl.deploy(args.model, n_stages=args.stages or cfg.workers)
-                print(f"deployed {args.model}: {' -> '.join(route.workers)}")
+                route = cl.deploy(args.model, n_stages=args.stages or max(1, cfg.workers // args.replicas),
+                                  replicas=args.replicas)
+                print(f"deployed {args.model}: " + " -> ".join("+".join(h.worker for h in reps)
+                                                                for reps in route.replicas))
             print(f"coordinator {lc.endpoint}, workers {', '.join(lc.names)} (logs in {lc.log_dir})")
             print(f"try:  edgesplit workers --coordinator {lc.endpoint}")
             if args.model and args.model != "none":

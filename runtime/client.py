@@ -601,7 +601,7 @@ class Client:
             elif req.info.route is not None and name in req.info.route.workers and req.lost_at is None \
                     and req.endpoint is not None:
                 req.lost_at = now + self.cfg.lost_grace_ms / 1000.0
-                req.lost_reason = (f"worker {name} on the route of {req.model} ({' -> '.join(req.info.route.workers)}) "
+                req.lost_reason = (f"worker {name} on the route of {req.model} ({req.info.route.describe()}) "
                                    "was lost and no result arrived")
 
     def _on_result(self, ident: bytes, frames: list[Any]) -> None:
@@ -644,12 +644,14 @@ class Client:
         except ProtocolError as e:
             log.warning("W: bad reply from %s: %s", endpoint, e)
             return
-        req = self._pending.get(msg.rid)
-        if req is None or req.endpoint != endpoint:
-            return  # an ACK of an earlier attempt, or of a request that has ended
         if msg.type == Msg.ACK:
-            self._release(req)
-        elif msg.type == Msg.ERROR:
+            for rid, _ in msg.acked():
+                req = self._pending.get(rid)
+                if req is not None and req.endpoint == endpoint:  # else: an earlier attempt's, or ended
+                    self._release(req)
+            return
+        req = self._pending.get(msg.rid)
+        if msg.type == Msg.ERROR and req is not None and req.endpoint == endpoint:
             self._on_error(req, msg)
 
     def _expire(self, req: _Req) -> None:
@@ -657,7 +659,7 @@ class Client:
             exc = RequestTimeout(f"no route for {req.model} from the coordinator {self.cfg.coordinator} before the "
                                  "deadline; is it running?")
         else:
-            route = " -> ".join(req.info.route.workers) if req.info.route else "?"
+            route = req.info.route.describe() if req.info.route else "?"
             sent = "sent" if req.endpoint else "still waiting to be sent (the first-stage workers were busy)"
             exc = RequestTimeout(f"request for {req.model} got no result within its deadline; it was {sent} "
                                  f"(route {route}, attempt {req.att + 1}); check the workers with `edgesplit "

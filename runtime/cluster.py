@@ -5,15 +5,23 @@ in its own process group, so stopping is exact: SIGTERM to each group, SIGKILL a
 grace period, nothing left behind. Used by ``edgesplit up``, ``edgesplit demo``, the
 multi-process tests and the benchmarks.
 
+Every daemon binds a port chosen once, at start, so a daemon that died can be started
+again with the same arguments, port and store (``restart``), as systemd or K3s would
+restart it on a board: its peers find it where it was.
+
 ::
 
     with LocalCluster(LocalClusterConfig(workers=3), store="./store") as lc:
         cl = lc.client()
         cl.deploy("vit_tiny_patch16_224", n_stages=3)
+        lc.kill("w1")         # SIGKILL to its process group
+        lc.restart("w1")      # same flags, port and store; returns once it registered again
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import random
 import shutil
 import signal
 import socket as pysocket
@@ -30,6 +38,9 @@ from .config import opt
 from .errors import ConfigError, RuntimeFailure
 
 PARENT_ENV = "EDGESPLIT_PARENT_PID"  # children exit when this process dies (see cli._die_with_parent)
+COORDINATOR = "coordinator"  # the coordinator's name in ``procs``, ``kill`` and ``restart``
+_BIND_FAILED = ("cannot bind", "Address already in use")  # what a daemon's log says when its port is taken
+_PORT_TRIES = 200
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class LocalClusterConfig:
     workers: int = opt(3, "worker processes to start")
     host: str = opt("127.0.0.1", "address every daemon binds to")
     port: int = opt(5555, "coordinator port (0 = any free port)")
+    worker_port: int = opt(0, "data port of worker 0; worker i binds worker_port + i (0 = free ports chosen at "
+                              "start; either way a restarted worker keeps its port)")
     torch_threads: int = opt(0, "torch threads per worker (0 = the machine's cores divided among the workers)")
     memory_budget_bytes: int = opt(2 * 1024**3, "block memory budget per worker", alias="--memory-budget")
     heartbeat_ms: int = opt(1000, "heartbeat interval of every daemon")
@@ -52,6 +65,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def stable_port(host: str = "127.0.0.1", taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A free port outside the kernel's ephemeral range, for a daemon that may be restarted on it.
+
+    A port from the ephemeral range (what ``free_port`` returns) can be taken, while its daemon
+    is down, as the source port of some outgoing connection -- even of a peer reconnecting to
+    that very endpoint, which on loopback then connects to itself -- and the restart could not
+    bind it again. Ports below the range are only ever bound on purpose.
+    """
+    lo, _ = _ephemeral_range()
+    first, last = (10_000, lo - 1) if lo > 11_000 else (1024, max(1025, lo - 1))
+    rng = random.Random()
+    for _ in range(_PORT_TRIES):
+        port = rng.randint(first, last)
+        if port in taken:
+            continue
+        with pysocket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)  # a crowded machine: any free port beats none
+
+
 class LocalCluster:
     """Processes of a loopback cluster. ``start()`` returns once every worker has registered.
 
@@ -60,27 +105,56 @@ class LocalCluster:
         store: the coordinator's block store (models partitioned into it); workers start
             with empty stores of their own and fetch blocks from the coordinator.
         worker_args: extra command-line flags per worker index (e.g. fault injection).
+        coordinator_args: extra command-line flags of the coordinator (e.g. ``--no-replan``).
         workdir: directory for worker stores and logs (default: a temporary one, removed by ``stop()``).
     """
 
     def __init__(self, cfg: LocalClusterConfig, store: str | os.PathLike[str],
-                 worker_args: dict[int, Sequence[str]] | None = None, workdir: str | None = None) -> None:
+                 worker_args: dict[int, Sequence[str]] | None = None, workdir: str | None = None,
+                 coordinator_args: Sequence[str] = ()) -> None:
         if cfg.workers < 1:
             raise ConfigError(f"a local cluster needs at least 1 worker, got {cfg.workers}")
         self.cfg, self.store = cfg, Path(store)
         self.worker_args = worker_args or {}
+        self.coordinator_args = list(coordinator_args)
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgesplit-cluster-"))
         self.log_dir = Path(cfg.log_dir) if cfg.log_dir else self.workdir / "logs"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}  # daemon name -> the port it binds, kept across restarts
+        self.argv: dict[str, list[str]] = {}  # daemon name -> its command-line arguments, for restart
         self.endpoint = ""
         self._clients: list[Client] = []
+        self._ctl: Client | None = None
+        # NOTE: daemons ask for SIGTERM when their parent *thread* ends (PR_SET_PDEATHSIG), so they
+        # are all started from this one long-lived thread: restart() may be called from any thread.
+        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def names(self) -> list[str]:
         return [f"w{i}" for i in range(self.cfg.workers)]
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def worker_endpoint(self, name: str) -> str:
+        """The data endpoint worker ``name`` binds (the same after a restart)."""
+        return f"tcp://{self.cfg.host}:{self.ports[name]}"
+
+    def pid(self, name: str) -> int:
+        """Process id of a daemon (``"coordinator"`` or a worker name); its latest incarnation."""
+        return self.procs[name].pid
+
+    def worker_argv(self, name: str, port: int, store: str | os.PathLike[str] | None = None,
+                    extra: Sequence[str] = ()) -> list[str]:
+        """Arguments of ``edgesplit`` that start worker ``name`` of this cluster on ``port``.
+
+        Tests use it to start a worker of their own (e.g. a second one under a taken name).
+        """
+        threads = self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
+        return ["worker", "--coordinator", self.endpoint, "--bind", f"tcp://{self.cfg.host}:{port}", "--name", name,
+                "--store", str(store if store is not None else self.workdir / name), "--torch-threads", str(threads),
+                "--memory-budget-bytes", str(self.cfg.memory_budget_bytes), "--heartbeat-ms",
+                str(self.cfg.heartbeat_ms), *extra]
+
+    def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
@@ -90,54 +164,133 @@ class LocalCluster:
         finally:
             log.close()
 
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        if self._spawner is None:
+            self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-spawner")
+        self.argv[name] = list(args)
+        p = self._spawner.submit(self._popen, name, args).result()
+        self.procs[name] = p
+        return p
+
+    def _spawn_worker(self, i: int, name: str) -> None:
+        if name not in self.ports:
+            self.ports[name] = (self.cfg.worker_port + i if self.cfg.worker_port
+                                else stable_port(self.cfg.host, set(self.ports.values())))
+        self._spawn(name, self.worker_argv(name, self.ports[name], extra=self.worker_args.get(i, ())))
+
     def start(self, timeout_s: float = 60.0) -> "LocalCluster":
         """Start the coordinator and the workers; wait until all workers registered."""
-        threads = self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
-        hb = str(self.cfg.heartbeat_ms)
         for attempt in range(3):
-            port = self.cfg.port or free_port(self.cfg.host)
+            port = self.cfg.port or stable_port(self.cfg.host, set(self.ports.values()))
+            self.ports[COORDINATOR] = port
             self.endpoint = f"tcp://{self.cfg.host}:{port}"
-            self.procs["coordinator"] = self._spawn("coordinator", [
-                "coordinator", "--bind", self.endpoint, "--store", str(self.store), "--heartbeat-ms", hb])
+            self._spawn(COORDINATOR, ["coordinator", "--bind", self.endpoint, "--store", str(self.store),
+                                      "--heartbeat-ms", str(self.cfg.heartbeat_ms), *self.coordinator_args])
             for i, name in enumerate(self.names):
-                self.procs[name] = self._spawn(name, [
-                    "worker", "--coordinator", self.endpoint, "--bind", f"tcp://{self.cfg.host}:*", "--name", name,
-                    "--store", str(self.workdir / name), "--torch-threads", str(threads),
-                    "--memory-budget-bytes", str(self.cfg.memory_budget_bytes), "--heartbeat-ms", hb,
-                    *self.worker_args.get(i, ())])
+                self._spawn_worker(i, name)
             try:
                 self._wait_registered(timeout_s)
                 return self
             except _CoordinatorExited:
                 if self.cfg.port:  # a fixed port that is taken: say so
                     self.stop()
-                    raise ConfigError(f"the coordinator could not start on {self.endpoint}:\n{self.log_tail('coordinator')}"
+                    raise ConfigError(f"the coordinator could not start on {self.endpoint}:\n"
+                                      f"{self.log_tail(COORDINATOR)}"
                                       "\nis another cluster running? pick --port or stop it") from None
                 self._stop_procs()  # a free port taken meanwhile: try another
+                self.ports.pop(COORDINATOR, None)
+                if self._ctl is not None:  # it asked the old endpoint
+                    self._ctl.close()
+                    self._clients.remove(self._ctl)
+                    self._ctl = None
         self.stop()
-        raise RuntimeFailure(f"the coordinator did not start; log:\n{self.log_tail('coordinator')}")
+        raise RuntimeFailure(f"the coordinator did not start; log:\n{self.log_tail(COORDINATOR)}")
 
     def _wait_registered(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        cl = self.client()
+        respawned: dict[str, int] = {}
         while True:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if "coordinator" in dead:
+            exited = [n for n, p in self.procs.items() if p.poll() is not None]
+            if COORDINATOR in exited:
                 raise _CoordinatorExited()
+            dead = []
+            for name in exited:
+                # a chosen free port taken meanwhile: the worker could not bind it; give it another
+                if (not self.cfg.worker_port and respawned.get(name, 0) < 3
+                        and any(s in self.log_tail(name) for s in _BIND_FAILED)):
+                    respawned[name] = respawned.get(name, 0) + 1
+                    del self.ports[name]
+                    self._spawn_worker(self.names.index(name), name)
+                else:
+                    dead.append(name)
             if dead:
+                why = (f"{dead[0]} exited with code {self.procs[dead[0]].returncode} during start-up; "
+                       f"log:\n{self.log_tail(dead[0])}")
                 self.stop()
-                raise RuntimeFailure(f"{dead[0]} exited with code {self.procs[dead[0]].returncode} during start-up; "
-                                     f"log:\n{self.log_tail(dead[0])}")
-            try:
-                if len(cl.workers()) >= self.cfg.workers:
-                    return
-            except RuntimeFailure:
-                pass
+                raise RuntimeFailure(why)
+            if self._registered(self.names):
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeFailure(f"workers did not register within {timeout_s:.0f} s; coordinator log:\n"
-                                     f"{self.log_tail('coordinator')}")
+                                     f"{self.log_tail(COORDINATOR)}")
             time.sleep(0.1)
+
+    def _control(self) -> Client:
+        if self._ctl is None:
+            self._ctl = self.client()
+        return self._ctl
+
+    def _registered(self, names: Sequence[str]) -> bool:
+        """Whether the coordinator answers and lists each of ``names`` as its current process."""
+        try:
+            workers = {w.name: w for w in self._control().workers()}
+        except RuntimeFailure:
+            return False
+        for name in names:
+            w = workers.get(name)
+            if w is None or (w.pid and w.pid != self.procs[name].pid):  # pid 0: a worker that does not say
+                return False
+        return True
+
+    def restart(self, name: str, timeout_s: float = 60.0) -> float:
+        """Start a daemon that died (or was killed) again: same arguments, port and store.
+
+        Args:
+            name: a worker name, or ``"coordinator"``.
+            timeout_s: how long it may take to be running again.
+        Returns:
+            Seconds until it was running: a worker registered again (the coordinator lists its
+            new pid); the coordinator answering, with every running worker registered again.
+        Raises:
+            ConfigError: ``name`` is not a daemon of this cluster, or it is still running.
+            RuntimeFailure: it exited again, or was not running within ``timeout_s``.
+        """
+        if name not in self.argv:
+            raise ConfigError(f"no daemon {name!r} in this cluster; its daemons are {sorted(self.argv)}")
+        old = self.procs[name]
+        try:
+            old.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{name} (pid {old.pid}) is still running; kill it first (LocalCluster.kill)") from None
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        while True:
+            p = self._spawn(name, self.argv[name])
+            while p.poll() is None:
+                workers = [n for n in self.names if self.procs[n].poll() is None] if name == COORDINATOR else [name]
+                if self._registered(workers):
+                    return time.monotonic() - t0
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"{name} restarted (pid {p.pid}) but was not running within {timeout_s:.0f} s;"
+                                         f" log:\n{self.log_tail(name)}\n"
+                                         f"coordinator log:\n{self.log_tail(COORDINATOR)}")
+                time.sleep(0.1)
+            # its port may be held for a moment (a connection in TIME_WAIT, a peer's reconnect): retry
+            if not any(s in self.log_tail(name, 600) for s in _BIND_FAILED) or time.monotonic() > deadline:
+                raise RuntimeFailure(f"{name} exited with code {p.returncode} after its restart; "
+                                     f"log:\n{self.log_tail(name)}")
+            time.sleep(0.5)
 
     def client(self, **overrides: Any) -> Client:
         """A client of this cluster (closed by ``stop()``)."""
@@ -189,7 +342,11 @@ class LocalCluster:
         for cl in self._clients:
             cl.close()
         self._clients.clear()
+        self._ctl = None
         self._stop_procs()
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+            self._spawner = None
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

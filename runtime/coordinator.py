@@ -8,12 +8,26 @@ Run one per cluster::
 It never carries activations: clients ask it for a model's route and send their input
 to the first stage's worker; the data goes worker to worker and back to the client.
 One ROUTER socket serves workers (READY, HEARTBEAT, DEPLOYED, FETCH) and clients (HELLO,
-ROUTE, WORKERS, MODELS, PLAN). A worker silent for ``heartbeat_ms x liveness`` is purged
-and a NOTICE goes to every client and worker, so requests waiting on it fail at once
-with WORKER_LOST instead of at their deadlines.
+ROUTE, WORKERS, MODELS, PLAN, LINK). A worker silent for ``heartbeat_ms x liveness`` is
+purged and a NOTICE ``{"lost", "lost_endpoint"}`` goes to every client and worker, so
+requests waiting on it are replayed on a replica or fail at once instead of at their
+deadlines; a worker that finished a deploy is announced with ``{"alive", "alive_endpoint"}``.
 
-A model's route is derived from what live workers report hosting (the newest plan id
-wins), so a restarted coordinator relearns deployments from the next heartbeats.
+Plans are durable (``plans.py``): every deployed plan is kept in ``<store>/plans/`` and the
+coordinator keeps the cluster matching it without anybody calling deploy again:
+
+- a planned worker that registers without its stages (it restarted, or the coordinator
+  did) gets them back: the same plan id when its endpoint is unchanged, else the whole plan
+  again under a new id, so the stages before it send to its new endpoint;
+- a stage that lost every live replica (always the case with one replica) is re-planned:
+  the same blocks on the least loaded live worker that can hold them, under a new id;
+  with no such worker the plan is kept and re-applied when a worker returns;
+- after its own restart it relearns from the workers' READY what they host, and waits
+  ``heartbeat_ms x liveness`` for absent workers before moving their stages.
+
+A ROUTE asked while the model's route is broken and a deploy of it is under way is
+answered when that deploy ends (or at the question's deadline), so clients replaying
+requests after a loss get the repaired route without polling.
 """
 from __future__ import annotations
 
@@ -23,7 +37,8 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Collection
 
 import zmq
 
@@ -31,15 +46,21 @@ from edgesplit.partitioner import BlockStore, EdgesplitError, ModelManifest
 
 from . import protocol as P
 from .config import opt
-from .errors import DeployError, ProtocolError, RuntimeFailure, UnknownModel, WorkerLost
+from .errors import DeployError, ProtocolError, RuntimeFailure, UnknownModel
 from .links import LinkSpec
 from .liveness import PeerTable
-from .plan import PlannedStage, check_plan, layerwise_plan
+from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
+from .plans import PLANS_DIR, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
+from .routes import route_of_plan, route_of_reports
 from .protocol import Err, Msg
 from .transport import SocketOptions, Waker, router, send
-from .types import Route, RouteHop, StageInfo, WorkerInfo, WorkerState
+from .types import MAX_REPLICAS, Route, StageInfo, WorkerInfo, WorkerState
 
 log = logging.getLogger("edgesplit.coordinator")
+
+RETRY_INIT_S = 1.0  # a repair deploy that failed on a worker is tried again after this, doubling ...
+RETRY_MAX_S = 60.0  # ... up to this
+MAX_ROUTE_WAITERS = 4096  # ROUTE questions parked while a model is being (re)deployed
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,10 @@ class CoordinatorConfig:
 
     bind: str = opt("tcp://*:5555", "control endpoint to bind (workers and clients connect here)")
     store: str = opt("./store", "block store holding the models' manifests and blocks (workers fetch from it)")
+    plan_dir: str | None = opt(None, "directory where deployed plans are kept across restarts "
+                                     "(default: <store>/plans)")
+    replan: bool = opt(True, "move a stage that lost every live replica onto a live worker (a new plan id); "
+                             "--no-replan keeps the plan until one of its workers returns")
     heartbeat_ms: int = opt(P.HEARTBEAT_INTERVAL_MS, "heartbeat interval to workers")
     liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent heartbeat intervals before a worker is declared lost")
     deploy_timeout_ms: int = opt(300_000, "how long a plan may take to load on every worker")
@@ -66,13 +91,30 @@ class _WorkerRec:
 
 @dataclass
 class _PendingPlan:
-    client: bytes
-    rid: bytes
+    """DEPLOY orders out under one request id, until every worker answered DEPLOYED."""
+
     model: str
     plan: int
     waiting: set[str]
     deadline: float
+    client: bytes | None = None  # who asked (None: the coordinator's own repair)
+    rid: bytes = b""  # the client's request id
+    commit: PlanRecord | None = None  # kept once every worker loaded it (a client's deploy)
+    kind: str = "deploy"
     loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _LinkOrder:
+    """A client's LINK order sent to every replica of the cut's sending stage."""
+
+    client: bytes
+    model: str
+    cut: int
+    plan: int
+    waiting: set[str]
+    deadline: float
+    link: dict[str, Any] | None = None
 
 
 class Coordinator:
@@ -81,17 +123,25 @@ class Coordinator:
     def __init__(self, cfg: CoordinatorConfig) -> None:
         self.cfg = cfg
         self.store = BlockStore(cfg.store)
+        self.plan_store = PlanStore(cfg.plan_dir or Path(cfg.store) / PLANS_DIR)
+        self.records: dict[str, PlanRecord] = self.plan_store.load()  # model -> its kept plan
         self.ctx = zmq.Context(io_threads=1)
         self.sock, self.endpoint = router(self.ctx, cfg.bind, SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS,
                                                                             max_frame_bytes=P.CHUNK_BYTES * 2))
         self.workers: dict[str, _WorkerRec] = {}
         self.live = PeerTable[str](cfg.heartbeat_ms, cfg.liveness)
         self.clients = PeerTable[bytes](cfg.heartbeat_ms, cfg.liveness * 4)
-        self.plans: dict[bytes, _PendingPlan] = {}
-        self.link_orders: dict[bytes, tuple[bytes, str, float]] = {}  # rid -> (client, worker, deadline)
+        self.plans: dict[bytes, _PendingPlan] = {}  # DEPLOY rid -> orders out
+        self.link_orders: dict[bytes, _LinkOrder] = {}
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
+        self.route_waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # model -> [(client, rid, deadline)]
+        self.seen: set[str] = set()  # workers registered since this coordinator started
+        self._retry: dict[tuple[str, str], tuple[float, float]] = {}  # (model, worker) -> (retry at, delay s)
+        self._manifests: dict[str, tuple[int, ModelManifest]] = {}  # model -> (file mtime_ns, manifest)
         self._files: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._last_plan = 0
+        self._last_plan = max((r.plan for r in self.records.values()), default=0)
+        self._started = time.monotonic()
+        self._announced_absent = False
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
@@ -116,8 +166,9 @@ class Coordinator:
         self.stop()
 
     def run(self) -> None:
-        """The loop: poll, dispatch, heartbeat the workers, purge the silent ones."""
-        log.info("coordinator on %s, store %s (%d models)", self.endpoint, self.store.root, len(self.store.list_models()))
+        """The loop: poll, dispatch, heartbeat the workers, purge the silent ones, keep plans applied."""
+        log.info("coordinator on %s, store %s (%d models), %d kept plan(s) in %s", self.endpoint, self.store.root,
+                 len(self.store.list_models()), len(self.records), self.plan_store.root)
         interval = self.cfg.heartbeat_ms / 1000.0
         next_hb = time.monotonic()
         poller = zmq.Poller()
@@ -143,22 +194,30 @@ class Coordinator:
                     for rec in self.workers.values():
                         send(self.sock, P.encode(Msg.HEARTBEAT, P.new_rid(), self.cfg.heartbeat_ms * self.cfg.liveness),
                              route=[rec.ident])
+                    self._reconcile(now)
                 for name in self.live.purge(now):
                     self._lose(name)
                 self.clients.purge(now)
-                for rid, (client, worker, deadline) in list(self.link_orders.items()):
-                    if now > deadline:
-                        del self.link_orders[rid]
-                        self._reply(client, P.encode_error(rid, Err.TIMEOUT, f"worker {worker} did not confirm "
-                                                                             "the link change in time"))
-                for rid, plan in list(self.plans.items()):
-                    if now > plan.deadline:
-                        self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
-                                                          f"{plan.model} within {self.cfg.deploy_timeout_ms} ms")
+                self._expire(now)
         finally:
             self.ctx.destroy(linger=0)
             self._waker.close()
             log.info("coordinator stopped")
+
+    def _expire(self, now: float) -> None:
+        """Link orders, deploys and parked route questions past their deadlines end with an error."""
+        for rid, order in list(self.link_orders.items()):
+            if now > order.deadline:
+                del self.link_orders[rid]
+                self._reply(order.client, P.encode_error(rid, Err.TIMEOUT, f"worker(s) {sorted(order.waiting)} did "
+                                                                          "not confirm the link change in time"))
+        for rid, plan in list(self.plans.items()):
+            if now > plan.deadline:
+                self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
+                                                  f"{plan.model} within {self.cfg.deploy_timeout_ms} ms",
+                                blame=plan.waiting)
+        for model in list(self.route_waiters):
+            self._answer_route_waiters(model, now)
 
     # --- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, ident: bytes, frames: list[Any]) -> None:
@@ -188,6 +247,15 @@ class Coordinator:
         if not send(self.sock, frames, route=[ident]):
             log.warning("W: %r's queue is full; reply dropped (it will time out)", ident[:32])
 
+    def _broadcast(self, body: dict[str, Any], skip: str | None = None) -> None:
+        """A NOTICE to every client and every worker but ``skip``."""
+        notice = P.encode(Msg.NOTICE, P.new_rid(), 0, {"body": body})
+        for client in self.clients:
+            send(self.sock, notice, route=[client])
+        for rec in self.workers.values():
+            if rec.info.name != skip:
+                send(self.sock, notice, route=[rec.ident])
+
     # workers ---------------------------------------------------------------------------------
     def _on_ready(self, ident: bytes, msg: P.Message) -> None:
         info = WorkerInfo.from_msg(msg.body)
@@ -207,6 +275,7 @@ class Coordinator:
                         old.info.endpoint)
             self._notify_lost(info.name, old.info.endpoint)
         self.workers[info.name] = _WorkerRec(info, ident)
+        self.seen.add(info.name)
         for s in info.stages:  # a worker declared lost that comes back still hosts its stages
             names = self.lost.get((s.model, s.plan), [])
             if info.name in names:
@@ -217,6 +286,14 @@ class Coordinator:
         log.info("worker %s registered: %s, %s, budget %d B, %d stage(s)", info.name, info.endpoint, info.device,
                  info.memory_budget_bytes, len(info.stages))
         self._reply(ident, P.encode(Msg.HEARTBEAT, msg.rid, 0))
+        # a (re-)registered worker has dropped any deploy it was loading: those orders end here
+        for rid, plan in list(self.plans.items()):
+            if info.name in plan.waiting:
+                self._fail_plan(rid, Err.WORKER_LOST, f"worker {info.name} registered again while loading "
+                                                      f"{plan.model} (it restarted or lost its link)")
+        for key in [k for k in self._retry if k[1] == info.name]:
+            del self._retry[key]  # a fresh process deserves a fresh try
+        self._reconcile(time.monotonic())
 
     def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
         rec = self.workers.get(_worker_name(ident))
@@ -245,29 +322,31 @@ class Coordinator:
         rec = self._known_worker(ident, msg)
         if rec is None:
             return
-        rec.info.stages = [s for s in rec.info.stages if s.model != msg.body.get("model")] + \
-                          [StageInfo.from_msg(s) for s in P.body_get(msg.body, "stages", list, [])]
+        model = msg.body.get("model")
+        stages = [StageInfo.from_msg(s) for s in P.body_get(msg.body, "stages", list, [])]
+        rec.info.stages = [s for s in rec.info.stages if s.model != model] + stages
         plan = self.plans.get(msg.rid)
         if plan is None:
             return
-        plan.waiting.discard(rec.info.name)
-        plan.loaded[rec.info.name] = {"load_ms": msg.body.get("load_ms"), "fetched_bytes": msg.body.get("fetched_bytes")}
+        name = rec.info.name
+        plan.waiting.discard(name)
+        plan.loaded[name] = {"load_ms": msg.body.get("load_ms"), "fetched_bytes": msg.body.get("fetched_bytes")}
+        self._retry.pop((plan.model, name), None)
+        if stages:
+            self._notify_alive(rec, stages)
         if not plan.waiting:
-            del self.plans[msg.rid]
-            route = self.route(plan.model)
-            log.info("plan %d of %s deployed: %s", plan.plan, plan.model, " -> ".join(route.workers))
-            self._reply(plan.client, P.encode(Msg.PLAN, plan.rid, 0, {"body": {"route": route.to_msg(),
-                                                                                "loaded": plan.loaded}}))
+            self._finish_plan(msg.rid)
 
     def _on_worker_error(self, ident: bytes, msg: P.Message) -> None:
-        if self._known_worker(ident, msg) is None:
+        rec = self._known_worker(ident, msg)
+        if rec is None:
             return
         order = self.link_orders.pop(msg.rid, None)
         if order is not None:
-            self._reply(order[0], P.encode(Msg.ERROR, msg.rid, 0, {"err": msg.get("err")}))
+            self._reply(order.client, P.encode(Msg.ERROR, msg.rid, 0, {"err": msg.get("err")}))
         if msg.rid in self.plans:
             code, reason = msg.get("err")
-            self._fail_plan(msg.rid, Err.DEPLOY_FAILED, reason)
+            self._fail_plan(msg.rid, Err.DEPLOY_FAILED, reason, blame={rec.info.name})
 
     def _on_fetch(self, ident: bytes, msg: P.Message) -> None:
         rec = self._known_worker(ident, msg)
@@ -311,14 +390,24 @@ class Coordinator:
         for rid, plan in list(self.plans.items()):
             if name in plan.waiting:
                 self._fail_plan(rid, Err.WORKER_LOST, f"worker {name} was lost while loading {plan.model}")
+        self._reconcile(time.monotonic())
 
     def _notify_lost(self, name: str, endpoint: str) -> None:
-        notice = P.encode(Msg.NOTICE, P.new_rid(), 0, {"body": {"lost": name, "lost_endpoint": endpoint}})
-        for client in self.clients:
-            send(self.sock, notice, route=[client])
-        for rec in self.workers.values():
-            if rec.info.name != name:
-                send(self.sock, notice, route=[rec.ident])
+        self._broadcast({"lost": name, "lost_endpoint": endpoint}, skip=name)
+
+    def _notify_alive(self, rec: _WorkerRec, stages: list[StageInfo]) -> None:
+        """``rec`` serves (again): tell everybody; and tell it which of its next stages' workers are absent.
+
+        A worker that installs stages treats every endpoint they send to as alive; the ones
+        that are not (a plan names them, they have not returned) are announced lost to it.
+        """
+        self._broadcast({"alive": rec.info.name, "alive_endpoint": rec.info.endpoint}, skip=rec.info.name)
+        live_eps = {w.info.endpoint for w in self.workers.values()}
+        names = {ep: w for r in self.records.values() for w, ep in r.endpoints.items()}
+        for ep in sorted({ep for s in stages for ep in s.next} - live_eps):
+            send(self.sock, P.encode(Msg.NOTICE, P.new_rid(), 0, {"body": {"lost": names.get(ep, "?"),
+                                                                            "lost_endpoint": ep}}),
+                 route=[rec.ident])
 
     # clients ----------------------------------------------------------------------------------
     def _on_hello(self, ident: bytes, msg: P.Message) -> None:
@@ -329,8 +418,46 @@ class Coordinator:
 
     def _on_route(self, ident: bytes, msg: P.Message) -> None:
         self.clients.refresh(ident)
-        model = msg.get("mdl")
-        self._reply(ident, P.encode(Msg.ROUTE, msg.rid, 0, {"mdl": model, "body": {"route": self.route(model).to_msg()}}))
+        model = P.check_model_name(msg.get("mdl"))
+        try:
+            route = self.route(model)
+        except RuntimeFailure:
+            # a deploy of it is under way (a repair after a loss, say), or workers are still registering
+            # after a coordinator restart: answered when the route serves or there is nothing left to wait for
+            if self._may_wait(model) and sum(map(len, self.route_waiters.values())) < MAX_ROUTE_WAITERS:
+                deadline = time.monotonic() + msg.budget_ms / 1000.0
+                self.route_waiters.setdefault(model, []).append((ident, msg.rid, deadline))
+                return
+            raise
+        self._reply(ident, P.encode(Msg.ROUTE, msg.rid, 0, {"mdl": model, "body": {"route": route.to_msg()}}))
+
+    def _may_wait(self, model: str) -> bool:
+        """Whether ``model``'s broken route may still mend by itself soon (a deploy, or the start-up grace)."""
+        return self._deploying(model) or self._settling(time.monotonic())
+
+    def _settling(self, now: float) -> bool:
+        """The start-up grace: workers named in kept plans may still be re-registering."""
+        return bool(self.records) and now < self._started + self.live.ttl_s
+
+    def _answer_route_waiters(self, model: str, now: float) -> None:
+        """Parked ROUTE questions of ``model``: the route once it serves, an error when nothing is left to wait for."""
+        waiters = self.route_waiters.pop(model, [])
+        if not waiters:
+            return
+        try:
+            route, err = self.route(model), None
+        except RuntimeFailure as e:
+            route, err = None, e
+        keep = []
+        for ident, rid, deadline in waiters:
+            if route is not None:
+                self._reply(ident, P.encode(Msg.ROUTE, rid, 0, {"mdl": model, "body": {"route": route.to_msg()}}))
+            elif self._may_wait(model) and now <= deadline:
+                keep.append((ident, rid, deadline))
+            else:
+                self._reply(ident, P.encode_error(rid, P.error_code(err), str(err)))
+        if keep:
+            self.route_waiters[model] = keep
 
     def _on_workers(self, ident: bytes, msg: P.Message) -> None:
         self.clients.refresh(ident)
@@ -358,13 +485,18 @@ class Coordinator:
         self._reply(ident, P.encode(Msg.MODELS, msg.rid, 0, {}, [P.pack_blob(out)]))
 
     def _on_plan(self, ident: bytes, msg: P.Message) -> None:
+        """A client's PLAN: ``model`` and either ``stages`` or ``workers``/``n_stages``/``splits``; ``replicas``, ``links``."""
         self.clients.refresh(ident)
         body = msg.body
         model = P.check_model_name(P.body_get(body, "model", str))
         manifest = self._manifest(model)
         live = sorted(self.workers)
+        replicas = P.body_get(body, "replicas", int, None)
+        if replicas is not None and not 1 <= replicas <= MAX_REPLICAS:
+            raise DeployError(f"plan for {model}: replicas must be 1..{MAX_REPLICAS}, got {replicas}")
         if "stages" in body:
             stages = [PlannedStage.from_msg(s) for s in P.body_get(body, "stages", list)]
+            hops = group_replicas(stages, manifest.n_blocks, model, replicas)
         else:
             workers = P.body_get(body, "workers", list, live) or live
             splits = P.body_get(body, "splits", list, None)
@@ -372,25 +504,35 @@ class Coordinator:
             if not all(isinstance(w, str) for w in workers) or (
                     splits is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in splits)):
                 raise ProtocolError("bad message: PLAN workers are names and splits are block indices")
-            stages = layerwise_plan(manifest, [str(w) for w in workers], n_stages, splits)
-        check_plan(stages, manifest.n_blocks, model)
-        unknown = sorted({s.worker for s in stages} - set(self.workers))
+            hops = layerwise_hops(manifest, [str(w) for w in workers], n_stages, splits, replicas or 1)
+        unknown = sorted({w for h in hops for w in h.workers} - set(self.workers))
         if unknown:
             raise DeployError(f"plan for {model} names workers {unknown} that are not registered; live workers: {live}")
-        links_raw = P.body_get(body, "links", list, [None] * (len(stages) - 1))
-        if len(links_raw) != len(stages) - 1:
-            raise DeployError(f"plan for {model} has {len(stages)} stages, so {len(stages) - 1} cuts, but "
+        links_raw = P.body_get(body, "links", list, [None] * (len(hops) - 1))
+        if len(links_raw) != len(hops) - 1:
+            raise DeployError(f"plan for {model} has {len(hops)} stages, so {len(hops) - 1} cuts, but "
                               f"{len(links_raw)} link specs; give one per cut")
-        links = [LinkSpec.from_msg(v) for v in links_raw]
-        self._deploy(ident, msg, manifest, stages, links)
+        links = tuple(LinkSpec.from_msg(v) for v in links_raw)
+        named = {w for h in hops for w in h.workers}
+        record = PlanRecord(model, self._take_plan_id(), manifest.n_blocks, tuple(hops), links,
+                            {w: self.workers[w].info.endpoint for w in named},
+                            replicas or max(len(h.workers) for h in hops))
+        for rid, pending in list(self.plans.items()):  # a client's plan supersedes a repair in progress
+            if pending.model == model and pending.client is None:
+                del self.plans[rid]
+        # workers hosting an older plan of this model get an empty stage list (undeploy)
+        extra = sorted(w for w, r in self.workers.items() if w not in named and any(s.model == model
+                                                                                    for s in r.info.stages))
+        pending = _PendingPlan(model, record.plan, set(), self._deploy_deadline(), client=ident, rid=msg.rid,
+                               commit=record)
+        self._send_deploys(msg.rid, manifest, record, record.workers + extra, pending)
+        log.info("plan %d of %s: %s", record.plan, model, _describe(record.hops))
 
     def _on_link(self, ident: bytes, msg: P.Message) -> None:
-        """A client's LINK order goes to the worker sending on that cut; the worker's reply comes back."""
-        order = self.link_orders.get(msg.rid)
-        sender = self.workers.get(order[1]) if order is not None else None
-        if sender is not None and ident == sender.ident:
-            del self.link_orders[msg.rid]
-            self._reply(order[0], P.encode(Msg.LINK, msg.rid, 0, {"body": msg.body}))
+        """A client's LINK order goes to every replica of the cut's sending stage; their replies come back here."""
+        worker = self.workers.get(_worker_name(ident))
+        if worker is not None and worker.ident == ident:
+            self._on_link_reply(worker.info.name, msg)
             return
         self.clients.refresh(ident)
         model = P.check_model_name(P.body_get(msg.body, "model", str))
@@ -399,89 +541,201 @@ class Coordinator:
         if not 0 <= cut < len(route.hops) - 1:
             raise DeployError(f"model {model} runs in {len(route.hops)} stage(s), so its cuts are "
                               f"0..{len(route.hops) - 2}; there is no cut {cut}")
-        worker = route.hops[cut].worker
+        senders = [h.worker for h in route.replicas[cut]]
         body = {"model": model, "hop": cut, "plan": route.plan, "link": P.body_get(msg.body, "link", dict)}
-        if not send(self.sock, P.encode(Msg.LINK, msg.rid, msg.budget_ms, {"body": body}),
-                    route=[self.workers[worker].ident]):
-            raise DeployError(f"worker {worker}'s control queue is full; try again")
-        self.link_orders[msg.rid] = (ident, worker, time.monotonic() + msg.budget_ms / 1000.0)
+        frames = P.encode(Msg.LINK, msg.rid, msg.budget_ms, {"body": body})
+        for name in senders:
+            if not send(self.sock, frames, route=[self.workers[name].ident]):
+                raise DeployError(f"worker {name}'s control queue is full; try again")
+        self.link_orders[msg.rid] = _LinkOrder(ident, model, cut, route.plan, set(senders),
+                                               time.monotonic() + msg.budget_ms / 1000.0)
+
+    def _on_link_reply(self, name: str, msg: P.Message) -> None:
+        order = self.link_orders.get(msg.rid)
+        if order is None or name not in order.waiting:
+            return  # a late reply (the order ended with another replica's error)
+        order.waiting.discard(name)
+        order.link = P.body_get(msg.body, "link", dict)
+        if order.waiting:
+            return
+        del self.link_orders[msg.rid]
+        self._reply(order.client, P.encode(Msg.LINK, msg.rid, 0, {"body": msg.body}))
+        rec = self.records.get(order.model)
+        if rec is not None and rec.plan == order.plan and order.cut < len(rec.links):
+            links = list(rec.links)
+            try:
+                links[order.cut] = LinkSpec.from_msg(order.link)
+            except ProtocolError as e:
+                log.warning("W: worker %s confirmed a link it cannot describe (%s); the kept plan keeps the old one",
+                            name, e)
+                return
+            self._keep(rec.changed(links=tuple(links)))  # a worker that returns gets the link as it is now
 
     def _manifest(self, model: str) -> ModelManifest:
-        if model not in self.store.list_models():
+        """``model``'s manifest (re-read when its file changes)."""
+        try:
+            path = self.store.root / "models" / f"{P.check_model_name(model)}.json"
+            mtime = path.stat().st_mtime_ns
+        except OSError:
             raise UnknownModel(f"model {model!r} is not in the coordinator's store {self.store.root}; known: "
-                               f"{self.store.list_models()}. Add it with `edgesplit partition MODEL --store ...`")
-        return self.store.manifest(model)
+                               f"{self.store.list_models()}. Add it with `edgesplit partition MODEL --store ...`") from None
+        cached = self._manifests.get(model)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, self.store.manifest(model))
+            self._manifests[model] = cached
+        return cached[1]
 
-    def _deploy(self, ident: bytes, msg: P.Message, manifest: ModelManifest, stages: list[PlannedStage],
-                links: list[LinkSpec]) -> None:
-        plan_id = max(self._last_plan + 1, int(time.time() * 1000))
+    # --- deploys -------------------------------------------------------------------------------
+    def _take_plan_id(self) -> int:
+        plan_id = self._peek_plan_id()
         self._last_plan = plan_id
-        endpoints = {name: rec.info.endpoint for name, rec in self.workers.items()}
-        per_worker: dict[str, list[tuple[StageInfo, LinkSpec, LinkSpec]]] = {}
-        cuts = [LinkSpec(), *links, LinkSpec()]  # the client's links at both ends stay raw
-        for hop, s in enumerate(stages):
-            nxt = (endpoints[stages[hop + 1].worker],) if hop + 1 < len(stages) else ()
-            info = StageInfo(manifest.name, hop, s.start, s.end, manifest.n_blocks, plan_id, nxt)
-            per_worker.setdefault(s.worker, []).append((info, cuts[hop], cuts[hop + 1]))
-        # workers hosting an older plan of this model get an empty stage list (undeploy)
-        for name, rec in self.workers.items():
-            if name not in per_worker and any(st.model == manifest.name for st in rec.info.stages):
-                per_worker[name] = []
-        manifest_json = manifest.to_json().encode()
-        pending = _PendingPlan(ident, msg.rid, manifest.name, plan_id, set(per_worker),
-                               time.monotonic() + self.cfg.deploy_timeout_ms / 1000.0)
-        self.plans[msg.rid] = pending
-        for name, items in per_worker.items():
-            body = {"model": manifest.name, "plan": plan_id, "stages": [i.to_msg() for i, _, _ in items],
-                    "links_in": [a.to_msg() for _, a, _ in items], "links_out": [b.to_msg() for _, _, b in items]}
-            frames = P.encode(Msg.DEPLOY, msg.rid, self.cfg.deploy_timeout_ms, {"body": body}, [manifest_json])
-            if not send(self.sock, frames, route=[self.workers[name].ident]):
-                self._fail_plan(msg.rid, Err.OVERLOADED, f"worker {name}'s control queue is full")
-                return
-        log.info("plan %d of %s: %s", plan_id, manifest.name,
-                 ", ".join(f"{s.worker}[{s.start}:{s.end})" for s in stages))
+        return plan_id
 
-    def _fail_plan(self, rid: bytes, code: Err, reason: str) -> None:
+    def _peek_plan_id(self) -> int:
+        """The next plan id: milliseconds since the epoch, so ids grow across coordinator restarts."""
+        return max(self._last_plan + 1, int(time.time() * 1000))
+
+    def _deploy_deadline(self) -> float:
+        return time.monotonic() + self.cfg.deploy_timeout_ms / 1000.0
+
+    def _deploying(self, model: str) -> bool:
+        return any(p.model == model for p in self.plans.values())
+
+    def _send_deploys(self, rid: bytes, manifest: ModelManifest, record: PlanRecord, targets: list[str],
+                      pending: _PendingPlan) -> None:
+        """DEPLOY ``record``'s stages to each of ``targets`` under ``rid`` (an empty list to workers it does not name)."""
+        pending.waiting = set(targets)
+        self.plans[rid] = pending
+        manifest_json = manifest.to_json().encode()
+        for name in targets:
+            frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms, {"body": record.deploy_body(name)},
+                              [manifest_json])
+            if not send(self.sock, frames, route=[self.workers[name].ident]):
+                self._fail_plan(rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
+                return
+
+    def _finish_plan(self, rid: bytes) -> None:
+        """Every worker loaded its stages: keep the plan (a client's), answer the client and parked questions."""
+        plan = self.plans.pop(rid)
+        if plan.commit is not None:
+            try:
+                route = route_of_plan(self._manifest(plan.model), plan.commit, self._live_view(sizes=False))
+            except RuntimeFailure as e:  # e.g. a worker reported other stages than it was given
+                log.warning("plan %d of %s loaded but does not route: %s", plan.plan, plan.model, e)
+                if plan.client is not None:
+                    self._reply(plan.client, P.encode_error(plan.rid, Err.DEPLOY_FAILED,
+                                                            f"deploying {plan.model}: {e}"))
+                self._answer_route_waiters(plan.model, time.monotonic())
+                return
+            self._keep(plan.commit)
+            log.info("plan %d of %s deployed: %s", plan.plan, plan.model, " | ".join(
+                ",".join(h.worker for h in reps) for reps in route.replicas))
+            if plan.client is not None:
+                self._reply(plan.client, P.encode(Msg.PLAN, plan.rid, 0, {"body": {"route": route.to_msg(),
+                                                                                    "loaded": plan.loaded}}))
+        else:
+            log.info("plan %d of %s: %s done on %s", plan.plan, plan.model, plan.kind, sorted(plan.loaded))
+        self._answer_route_waiters(plan.model, time.monotonic())
+
+    def _fail_plan(self, rid: bytes, code: Err, reason: str, blame: Collection[str] = ()) -> None:
+        """End a deploy with an error; a repair is tried again on the ``blame``d workers after a growing delay."""
         plan = self.plans.pop(rid, None)
-        if plan is not None:
-            log.warning("plan %d of %s failed: %s", plan.plan, plan.model, reason)
-            self._reply(plan.client, P.encode_error(rid, code, f"deploying {plan.model}: {reason}"))
+        if plan is None:
+            return
+        log.warning("plan %d of %s (%s) failed: %s", plan.plan, plan.model, plan.kind, reason)
+        if plan.client is not None:
+            self._reply(plan.client, P.encode_error(plan.rid, code, f"deploying {plan.model}: {reason}"))
+        else:
+            now = time.monotonic()
+            for name in blame:
+                delay = min(self._retry.get((plan.model, name), (0.0, RETRY_INIT_S / 2))[1] * 2, RETRY_MAX_S)
+                self._retry[(plan.model, name)] = (now + delay, delay)
+        # parked ROUTE questions are answered by the loop (_expire), after any repair this failure leads to
+
+    def _keep(self, record: PlanRecord) -> None:
+        """Make ``record`` the model's plan and write it to the plan store."""
+        self.records[record.model] = record
+        try:
+            self.plan_store.save(record)
+        except OSError as e:
+            log.error("E: could not write plan %d of %s to %s: %s; it serves, but will not survive a coordinator "
+                      "restart", record.plan, record.model, self.plan_store.root, e)
+
+    # --- keeping the cluster on its plans ------------------------------------------------------
+    def _reconcile(self, now: float) -> None:
+        """Compare every kept plan with the live workers and deploy what differs (see ``plans.reconcile``)."""
+        if not self.records:
+            return
+        grace = not self._settling(now)  # absent workers had their chance to re-register
+        if grace and not self._announced_absent:
+            self._announce_absent()
+        live: dict[str, LiveWorker] | None = None
+        for model, rec in list(self.records.items()):
+            if self._deploying(model):
+                continue
+            try:
+                manifest = self._manifest(model)
+            except (RuntimeFailure, EdgesplitError):
+                continue  # removed from the store: nothing to deploy
+            if manifest.n_blocks != rec.n_blocks:
+                continue  # re-partitioned since: only a new deploy makes sense
+            if live is None:
+                live = self._live_view()
+            may_replan = self.cfg.replan and grace and any(w in self.seen for w in rec.workers)
+            hop_bytes = [sum(b.size_bytes for b in manifest.blocks[h.start:h.end]) for h in rec.hops]
+            repair = reconcile(rec, live, self._peek_plan_id(), hop_bytes, may_replan)
+            if repair is not None:
+                self._repair(manifest, repair, now)
+
+    def _repair(self, manifest: ModelManifest, repair: Repair, now: float) -> None:
+        model = repair.record.model
+        targets = [t for t in repair.targets if self._retry.get((model, t), (0.0, 0.0))[0] <= now]
+        if not targets or (repair.kind != "resend" and len(targets) < len(repair.targets)):
+            return  # waiting out a failed try
+        if repair.kind != "resend":
+            self._last_plan = max(self._last_plan, repair.record.plan)
+            self._keep(repair.record)  # kept now: a restart in the middle re-applies it
+        log.warning("plan %d of %s: %s to %s: %s", repair.record.plan, model, repair.kind, list(targets), repair.why)
+        pending = _PendingPlan(model, repair.record.plan, set(), self._deploy_deadline(), kind=repair.kind)
+        self._send_deploys(P.new_rid(), manifest, repair.record, list(targets), pending)
+
+    def _live_view(self, sizes: bool = True) -> dict[str, LiveWorker]:
+        """The live workers as ``reconcile`` and the routes see them (bytes hosted only when ``sizes``)."""
+        out = {}
+        for name, rec in self.workers.items():
+            hosted = 0
+            for s in rec.info.stages if sizes else ():
+                try:
+                    hosted += sum(b.size_bytes for b in self._manifest(s.model).blocks[s.start:s.end])
+                except (RuntimeFailure, EdgesplitError):
+                    pass  # a model no longer in the store: its size is unknown, count it as nothing
+            out[name] = LiveWorker(rec.info.endpoint, frozenset(rec.info.stages), rec.info.memory_budget_bytes, hosted)
+        return out
+
+    def _announce_absent(self) -> None:
+        """Once, after start-up: workers named in kept plans that did not re-register are lost for everyone."""
+        self._announced_absent = True
+        live_eps = {w.info.endpoint for w in self.workers.values()}
+        for rec in self.records.values():
+            for name, ep in rec.endpoints.items():
+                if name not in self.workers and ep not in live_eps:
+                    self._notify_lost(name, ep)
 
     # --- routes --------------------------------------------------------------------------------
     def route(self, model: str) -> Route:
-        """The route of ``model`` over live workers (newest complete plan).
+        """The route of ``model`` over live workers: its kept plan, or else the newest plan workers report.
 
         Raises:
-            UnknownModel: not in the store, or deployed on no live worker.
-            WorkerLost: its newest plan lost a worker; redeploy.
+            UnknownModel: not in the store, deployed nowhere, or still loading.
+            WorkerLost: a stage has no live worker (its workers were lost and none could take it).
         """
         P.check_model_name(model)
         manifest = self._manifest(model)
-        by_plan: dict[int, dict[int, tuple[str, StageInfo]]] = {}
-        for name, rec in self.workers.items():
-            for s in rec.info.stages:
-                if s.model == model:
-                    by_plan.setdefault(s.plan, {})[s.hop] = (name, s)
-        newest = max(by_plan, default=None)
-        lost = [(p, names) for (m, p), names in self.lost.items() if m == model and (newest is None or p >= newest)]
-        if lost:
-            p, names = max(lost)
-            raise WorkerLost(f"model {model}: worker(s) {names} hosting plan {p} were lost; redeploy it "
-                             "(Client.deploy) on the live workers")
-        if newest is None:
-            raise UnknownModel(f"model {model} is in the store but deployed on no live worker; deploy it with "
-                               "Client.deploy(...) or `edgesplit up --model ...`")
-        hops = by_plan[newest]
-        out, pos = [], 0
-        for hop in range(len(hops)):
-            if hop not in hops or hops[hop][1].start != pos:
-                raise UnknownModel(f"model {model} plan {newest} is incomplete (still deploying?); hops {sorted(hops)}")
-            name, s = hops[hop]
-            out.append(RouteHop(hop, name, self.workers[name].info.endpoint, s.start, s.end))
-            pos = s.end
-        if pos != manifest.n_blocks:
-            raise UnknownModel(f"model {model} plan {newest} covers blocks up to {pos} of {manifest.n_blocks}")
-        return Route(model, newest, manifest.n_blocks, list(manifest.input_shape), out)
+        live = self._live_view(sizes=False)
+        rec = self.records.get(model)
+        if rec is not None:
+            return route_of_plan(manifest, rec, live, self._deploying(model), self._settling(time.monotonic()))
+        return route_of_reports(manifest, live, self.lost)
 
     _HANDLERS = {
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
@@ -493,6 +747,10 @@ class Coordinator:
 def _worker_name(ident: bytes) -> str:
     """A worker's name from its socket identity (``name/tag``: the tag tells processes apart)."""
     return ident.decode(errors="replace").split("/", 1)[0]
+
+
+def _describe(hops: tuple[PlannedHop, ...]) -> str:
+    return ", ".join(f"{'+'.join(h.workers)}[{h.start}:{h.end})" for h in hops)
 
 
 def run_coordinator(cfg: CoordinatorConfig) -> int:

@@ -9,16 +9,32 @@ A message is a ZeroMQ multipart message (after any ROUTER routing-id frames)::
 Nothing outside this module writes a message-type or error-code literal. The decoder
 is the only door for bytes from the network: it either returns a fully validated
 :class:`Message` or raises :class:`ProtocolError` (msgpack limits, a dtype allow-list,
-ndim and size caps, shape x itemsize == declared bytes == frame length). Tensor frames
+ndim and size caps, shape x itemsize == declared bytes == frame length, and the shape
+with empty dimensions counted as 1 within the frame cap, so no stride overflows). Tensor frames
 are turned into tensors *without copying*: a received tensor borrows the frame's memory,
 so treat it as read-only and keep it (not the frame) alive as long as you use it.
+
+ACKs are cumulative: one ACK message may take custody of up to ``MAX_ACKS`` (rid, hop)
+pairs, so a receiver that drains several RUNs in one poll cycle answers each sender once.
+The first pair travels in the usual ``rid``/``hop`` keys (a single ACK is exactly the
+plain ACK it always was); the others, if any, in ``acks`` as ``[[rid, hop], ...]``
+(msgpack bin 16 + positive fixint, 20 B a pair, so 256 pairs fit a 5 KiB header).
+Build them with :func:`encode_acks`; read them with :meth:`Message.acked`, which also
+reads a plain ACK. Every pair is validated like ``rid`` and ``hop`` themselves.
+
+The decoder's checks run on every data-plane message, so they are written as one cheap
+exact test per value with the precise error built only on failure; validated model
+names and endpoints are remembered (strings are immutable, so a remembered one passed
+the very same check).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Mapping, Sequence
@@ -40,6 +56,7 @@ HEADER_MAX_BYTES = 16 * 1024  # one header frame; bounds msgpack amplification
 MAX_PAYLOAD_FRAMES = 16  # tensors (or byte blobs) per message
 MAX_NDIM = 8
 MAX_HOPS = 64  # stages on one route
+MAX_ACKS = 256  # (rid, hop) pairs one ACK message acknowledges (20 B each in the header)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # default payload cap per frame and per message (ZMQ_MAXMSGSIZE per frame)
 ZERO_COPY_MIN_BYTES = 64 * 1024  # pyzmq copies smaller frames anyway (zmq.COPY_THRESHOLD)
 UNPACK_LIMITS = dict(max_str_len=4096, max_bin_len=64, max_array_len=4096, max_map_len=64, max_ext_len=0)
@@ -105,6 +122,7 @@ class Err(IntEnum):
 
 
 MSG_NAMES = {m.value: m.name for m in Msg}
+_MSG_BY_CODE = {m.value: m for m in Msg}  # Msg(t) costs a function call into enum
 ERR_NAMES = {e.value: e.name for e in Err}
 
 
@@ -195,7 +213,9 @@ HEADER_KEYS = {
     "err": "[error code, reason]",
     "body": "control payload (map)",
     "trc": "per-hop trace records when tracing is on",
+    "acks": "ACK only: the pairs acknowledged besides (rid, hop), [[rid, hop], ...], at most MAX_ACKS - 1",
 }
+_KNOWN_KEYS = frozenset(HEADER_KEYS)
 REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
     Msg.RUN: frozenset({"mdl", "hop", "rep", "ten"}),
     Msg.ACK: frozenset({"hop"}),
@@ -233,7 +253,44 @@ def _str(v: Any, name: str, limit: int, pattern: re.Pattern[str] | None = None) 
     return v
 
 
+_SEEN_MAX = 1024  # remembered valid names/endpoints per kind; forgotten all at once beyond
+
+
+def _str_seen(v: Any, name: str, limit: int, pattern: re.Pattern[str], seen: set[str]) -> str:
+    """``_str`` for values that repeat on every message (model names, endpoints): a regex once per value."""
+    if type(v) is str and v in seen:
+        return v
+    _str(v, name, limit, pattern)
+    if len(seen) >= _SEEN_MAX:
+        seen.clear()
+    seen.add(v)
+    return v
+
+
+_SEEN_MODELS: set[str] = set()
+_SEEN_ENDPOINTS: set[str] = set()
+
+
 def _spec(v: Any, max_frame_bytes: int) -> TensorSpec:
+    """A payload spec; the loop is the common case (exact ints, in range), ``_spec_checked`` says what is wrong."""
+    if type(v) is list and len(v) == 3:
+        code, shape, nbytes = v
+        dt = DTYPE_BY_CODE.get(code) if type(code) is int else None
+        if dt is not None and type(shape) is list and len(shape) <= MAX_NDIM and type(nbytes) is int:
+            n = dt.itemsize
+            for d in shape:
+                if type(d) is not int or not 0 < d <= max_frame_bytes:  # empty dims: the checked path
+                    break
+                n *= d
+                if n > max_frame_bytes:
+                    break
+            else:
+                if n == nbytes:
+                    return TensorSpec(dt, tuple(shape), nbytes)
+    return _spec_checked(v, max_frame_bytes)
+
+
+def _spec_checked(v: Any, max_frame_bytes: int) -> TensorSpec:
     if not (isinstance(v, list) and len(v) == 3):
         raise _bad(f"a payload spec is [dtype_code, shape, nbytes], got {v!r:.80}")
     code, shape, nbytes = v
@@ -242,11 +299,12 @@ def _spec(v: Any, max_frame_bytes: int) -> TensorSpec:
     dt = DTYPE_BY_CODE[code]
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise _bad(f"shape must be a list of at most {MAX_NDIM} dims, got {shape!r:.80}")
-    n = dt.itemsize
+    n = span = dt.itemsize
     for d in shape:
         _int(d, "a dimension", 0, max_frame_bytes)
         n *= d
-        if n > max_frame_bytes:
+        span *= max(d, 1)  # bounds the strides too: [0, 2**27, 2**27, 2**27] is empty, but torch cannot stride it
+        if span > max_frame_bytes:
             raise ProtocolError(f"declared tensor of shape {shape} x {dt.itemsize} B exceeds the "
                                 f"{max_frame_bytes} B frame cap")
     _int(nbytes, "nbytes", 0, max_frame_bytes)
@@ -266,35 +324,49 @@ def _trace(v: Any) -> list[list[Any]]:
     return v
 
 
+def _acks(v: Any) -> list[list[Any]]:
+    """``acks``: [[rid, hop], ...], each rid ``RID_BYTES`` bytes and each hop in [0, MAX_HOPS]."""
+    if type(v) is not list or len(v) > MAX_ACKS - 1:
+        raise _bad(f"acks must be a list of at most {MAX_ACKS - 1} [rid, hop] pairs")
+    for pair in v:
+        if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is bytes and len(pair[0]) == RID_BYTES
+                and type(pair[1]) is int and 0 <= pair[1] <= MAX_HOPS):
+            raise _bad(f"an acks entry is [{RID_BYTES}-byte rid, hop in [0, {MAX_HOPS}]], got {pair!r:.80}")
+    return v
+
+
+_INT_KEYS = (("bud", 0, MAX_BUDGET_MS), ("hop", 0, MAX_HOPS), ("att", 0, 255), ("pln", 0, 2**62))
+
+
 def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, list[TensorSpec]]:
     if not isinstance(h, dict):
         raise _bad(f"header must be a map, got {type(h).__name__}")
-    unknown = set(h) - set(HEADER_KEYS)
-    if unknown:
+    if not _KNOWN_KEYS.issuperset(h):
+        unknown = set(h) - _KNOWN_KEYS
         raise _bad(f"unknown header keys {sorted(map(str, unknown))[:8]}; protocol {VERSION!r} knows {sorted(HEADER_KEYS)}")
     for key in ("t", "rid", "bud"):
         if key not in h:
             raise _bad(f"header lacks {key!r} ({HEADER_KEYS[key]})")
-    t = _int(h["t"], "t", 0, 255)
-    if t not in MSG_NAMES:
+    t = h["t"]
+    mtype = _MSG_BY_CODE.get(t) if type(t) is int else None  # type(): bool is not a message type
+    if mtype is None:
+        _int(t, "t", 0, 255)
         raise _bad(f"unknown message type {t}")
-    mtype = Msg(t)
-    if not isinstance(h["rid"], bytes) or len(h["rid"]) != RID_BYTES:
+    rid = h["rid"]
+    if type(rid) is not bytes or len(rid) != RID_BYTES:
         raise _bad(f"rid must be {RID_BYTES} bytes")
-    _int(h["bud"], "bud", 0, MAX_BUDGET_MS)
-    missing = REQUIRED_KEYS.get(mtype, frozenset()) - set(h)
-    if missing:
-        raise _bad(f"{mtype.name} needs header keys {sorted(missing)}")
-    if "hop" in h:
-        _int(h["hop"], "hop", 0, MAX_HOPS)
-    if "att" in h:
-        _int(h["att"], "att", 0, 255)
-    if "pln" in h:
-        _int(h["pln"], "pln", 0, 2**62)
+    for key, lo, hi in _INT_KEYS:  # the exact test inline, ``_int`` only to word the error
+        if key in h:
+            v = h[key]
+            if type(v) is not int or not lo <= v <= hi:
+                _int(v, key, lo, hi)
+    required = REQUIRED_KEYS.get(mtype)
+    if required is not None and not required.issubset(h):
+        raise _bad(f"{mtype.name} needs header keys {sorted(required - set(h))}")
     if "mdl" in h:
-        _str(h["mdl"], "mdl", 128, _MODEL_NAME)
+        _str_seen(h["mdl"], "mdl", 128, _MODEL_NAME, _SEEN_MODELS)
     if "rep" in h:
-        _str(h["rep"], "rep", 256, _ENDPOINT)
+        _str_seen(h["rep"], "rep", 256, _ENDPOINT, _SEEN_ENDPOINTS)
     if "cod" in h:
         _str(h["cod"], "cod", _SHORT)
     for key in ("cmeta", "body"):
@@ -308,20 +380,29 @@ def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, 
         _str(e[1], "error reason", _REASON)
     if "trc" in h:
         _trace(h["trc"])
+    if "acks" in h:
+        if mtype is not Msg.ACK:
+            raise _bad(f"acks belongs on ACK, not {mtype.name}")
+        _acks(h["acks"])
     specs_raw = h.get("ten", [])
-    if not isinstance(specs_raw, list) or len(specs_raw) > MAX_PAYLOAD_FRAMES:
+    if type(specs_raw) is not list or len(specs_raw) > MAX_PAYLOAD_FRAMES:
         raise _bad(f"ten must list at most {MAX_PAYLOAD_FRAMES} payload frames")
     if len(specs_raw) != n_frames:
         raise _bad(f"header declares {len(specs_raw)} payload frames, message has {n_frames}")
     specs = [_spec(s, max_frame_bytes) for s in specs_raw]
-    total = sum(s.nbytes for s in specs)
-    if total > max_frame_bytes:
+    if len(specs) > 1 and sum(s.nbytes for s in specs) > max_frame_bytes:  # one spec is within the cap already
+        total = sum(s.nbytes for s in specs)
         raise ProtocolError(f"message declares {total} B of payload, the cap is {max_frame_bytes} B per message")
     return mtype, specs
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+# keyword arguments bound once: parsing them is a third of unpacking a small header
+_unpack_header = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, ext_hook=_reject_ext,
+                                   **UNPACK_LIMITS)
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -364,6 +445,15 @@ class Message:
         """Payload ``i`` as raw bytes (manifests, block chunks)."""
         return _buffer(self.frames[i])
 
+    def acked(self) -> list[tuple[bytes, int]]:
+        """The (rid, hop) pairs an ACK takes custody of (a plain ACK: one); empty for other types."""
+        if self.type is not Msg.ACK:
+            return []
+        h = self.header
+        first = (h["rid"], h["hop"])
+        more = h.get("acks")
+        return [first, *[(rid, hop) for rid, hop in more]] if more else [first]
+
 
 def _buffer(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)
@@ -375,10 +465,12 @@ def frame_to_tensor(frame: Any, spec: TensorSpec) -> torch.Tensor:
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.dtype.torch)
     buf = _buffer(frame)
-    arr = np.frombuffer(buf, dtype=spec.dtype.numpy)
-    if buf.readonly or arr.ctypes.data % spec.dtype.itemsize:
-        arr = arr.copy()  # bytes objects (tests, tiny frames) are read-only; unaligned SIMD is unsafe on ARM
-    t = torch.from_numpy(arr)
+    if not buf.readonly:  # torch.frombuffer: a third of numpy's path, and it keeps the frame alive too
+        t = torch.frombuffer(buf, dtype=spec.dtype.torch)
+        if t.data_ptr() % spec.dtype.itemsize == 0:
+            return t if len(spec.shape) == 1 else t.view(spec.shape)
+    # bytes objects (tests, tiny frames) are read-only; unaligned SIMD is unsafe on ARM: copy
+    t = torch.from_numpy(np.frombuffer(buf, dtype=spec.dtype.numpy).copy())
     if spec.dtype.torch is torch.bfloat16:
         t = t.view(torch.bfloat16)
     return t.reshape(spec.shape)
@@ -386,9 +478,15 @@ def frame_to_tensor(frame: Any, spec: TensorSpec) -> torch.Tensor:
 
 def to_wire(x: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> tuple[TensorSpec, Any]:
     """A payload item as (spec, buffer to send). Tensors are made CPU-contiguous (no copy if already)."""
+    dt, shape, nbytes, buf = _wire_parts(x)
+    return TensorSpec(dt, tuple(shape), nbytes), buf
+
+
+def _wire_parts(x: Any) -> tuple[WireDtype, list[int], int, Any]:
+    """(dtype, shape, nbytes, buffer) of a payload item; ``encode`` needs no TensorSpec object."""
     if isinstance(x, (bytes, bytearray, memoryview)):
         n = memoryview(x).nbytes
-        return TensorSpec(UINT8, (n,), n), x
+        return UINT8, [n], n, x
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
@@ -396,12 +494,27 @@ def to_wire(x: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> tu
     dt = DTYPE_BY_TORCH.get(x.dtype)
     if dt is None:
         raise ProtocolError(f"dtype {x.dtype} cannot go on the wire; allowed: {[d.name for d in _DTYPES]}")
-    t = x.detach()
-    if t.device.type != "cpu":
+    t = x.detach() if x.requires_grad else x  # detach costs as much as the rest; numpy() only needs no grad
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     arr = (t.view(torch.int16) if dt.torch is torch.bfloat16 else t).numpy()
-    return TensorSpec(dt, tuple(t.shape), arr.nbytes), arr
+    return dt, list(t.shape), arr.nbytes, arr
+
+
+_local = threading.local()
+
+
+def _packb(header: dict[str, Any]) -> bytes:
+    """msgpack bytes of a header with a per-thread Packer (``packb`` builds one per call)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    packed = packer.pack(header)
+    if len(packed) > HEADER_MAX_BYTES:
+        _local.packer = None  # a Packer's buffer never shrinks: do not keep an oversized one
+    return packed
 
 
 def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | None = None,
@@ -426,15 +539,42 @@ def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | N
     if payload:
         specs = []
         for item in payload:
-            spec, buf = to_wire(item)
-            specs.append(spec.to_msg())
+            dt, shape, nbytes, buf = _wire_parts(item)
+            specs.append([dt.code, shape, nbytes])
             bufs.append(buf)
         header["ten"] = specs
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed = _packb(header)
     if len(packed) > HEADER_MAX_BYTES:
         raise ProtocolError(f"{mtype.name} header is {len(packed)} B, the limit is {HEADER_MAX_BYTES} B; "
                             "move bulk data into a payload frame")
     return [VERSION, packed, *bufs]
+
+
+_ACK_CODE = int(Msg.ACK)
+
+
+def encode_acks(pairs: Sequence[tuple[bytes, int]]) -> list[list[Any]]:
+    """ACK messages taking custody of ``pairs`` [(rid, hop)], ``MAX_ACKS`` pairs per message.
+
+    One message per drained batch instead of one per RUN is what makes custody cheap:
+    the sender still drops nothing until the pair comes back (:meth:`Message.acked`).
+    Returns:
+        A list of messages (each a frame list for ``send_multipart``); empty for no pairs.
+    Raises:
+        ValueError: a pair that is not (``RID_BYTES`` bytes, hop in [0, ``MAX_HOPS``]).
+    """
+    for rid, hop in pairs:  # one bad pair would make the receiver refuse the whole message, good pairs with it
+        if type(rid) is not bytes or len(rid) != RID_BYTES or type(hop) is not int or not 0 <= hop <= MAX_HOPS:
+            raise ValueError(f"an ACK pair is ({RID_BYTES}-byte rid, hop in [0, {MAX_HOPS}]), got {(rid, hop)!r:.80}")
+    out = []
+    for i in range(0, len(pairs), MAX_ACKS):
+        chunk = pairs[i:i + MAX_ACKS]
+        rid, hop = chunk[0]
+        header: dict[str, Any] = {"t": _ACK_CODE, "rid": rid, "bud": 0, "hop": hop}
+        if len(chunk) > 1:
+            header["acks"] = [[r, h] for r, h in chunk[1:]]
+        out.append([VERSION, _packb(header)])
+    return out
 
 
 def encode_error(rid: bytes, code: Err, reason: str, **fields: Any) -> list[Any]:
@@ -464,11 +604,11 @@ def decode(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES) -> Mes
         raise _bad(f"header is {frame_len(frames[1])} B, the limit is {HEADER_MAX_BYTES} B")
     raw = _frame_bytes(frames[1], HEADER_MAX_BYTES)
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, **UNPACK_LIMITS)
+        header = _unpack_header(raw)
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
         # msgpack documents that unpack may raise beyond UnpackException; these are what it raises
         raise _bad(f"header is not valid msgpack within limits ({type(e).__name__}: {e})") from None
-    payload = list(frames[2:])
+    payload = frames[2:] if type(frames) is list else list(frames[2:])
     mtype, specs = _validate_header(header, len(payload), max_frame_bytes)
     for i, (spec, frame) in enumerate(zip(specs, payload)):
         n = frame_len(frame)
@@ -485,6 +625,9 @@ def frame_len(frame: Any) -> int:
 
 
 def _frame_bytes(frame: Any, limit: int) -> bytes:
+    """The frame as bytes, or b"" when it is over ``limit`` (no copy of an oversized frame)."""
+    if type(frame) is bytes:
+        return frame if len(frame) <= limit else b""
     if frame_len(frame) > limit:
         return b""
     b = getattr(frame, "bytes", None)

@@ -122,6 +122,10 @@ class Route:
         """Every worker on the route (all replicas), stage by stage."""
         return [h.worker for reps in self.replicas for h in reps]
 
+    def describe(self) -> str:
+        """The route for messages: stages in order, replicas of one stage joined by |, e.g. ``w0|w1 -> w2|w3``."""
+        return " -> ".join("|".join(h.worker for h in reps) for reps in self.replicas)
+
     def to_msg(self) -> dict[str, Any]:
         return {"model": self.model, "plan": self.plan, "n_blocks": self.n_blocks,
                 "input_shape": list(self.input_shape), "hops": [h.to_msg() for h in self.hops],

@@ -54,13 +54,16 @@ def cluster(model_store: dict):
 
     w0..w3 are plain (w3 accepts frames of at most 4 MiB); w4 and w5 carry fault-injection
     flags for the fault tests (w4 stalls 150 ms per request, w5 crashes after 4 requests)
-    and no other test places stages on them.
+    and no other test places stages on them. The coordinator does not re-plan (so nothing
+    moves onto the fault workers by itself, and a lost stage stays lost until redeployed);
+    re-plans, replicas and restarts have their own clusters in test_lifecycle.py.
     """
     from edgesplit.runtime.cluster import LocalCluster, LocalClusterConfig
 
     lc = LocalCluster(LocalClusterConfig(workers=6, port=0, torch_threads=1), store=model_store["root"],
                       worker_args={3: ["--max-frame-bytes", "4MiB"], 4: ["--stall-ms", "150"],
-                                   5: ["--crash-after", "4", "--stall-ms", "100"]})
+                                   5: ["--crash-after", "4", "--stall-ms", "100"]},
+                      coordinator_args=["--no-replan"])
     lc.start(timeout_s=90)
     try:
         yield lc

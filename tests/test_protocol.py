@@ -95,6 +95,7 @@ BAD = {
     "frame shorter": [P.VERSION, msgpack.packb(_hdr()), bytes(15)],
     "frame count": [P.VERSION, msgpack.packb(_hdr()), bytes(16), bytes(16)],
     "huge declared": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [1 << 30, 1 << 30], 1 << 62]])), bytes(16)],
+    "empty but huge": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [0, 1 << 27, 1 << 27, 1 << 27], 0]]))],
     "ext type": [P.VERSION, msgpack.packb(_hdr(mdl=msgpack.ExtType(1, b"x"))), bytes(16)],
     "timestamp ext": [P.VERSION, msgpack.packb(_hdr(cmeta={"t": msgpack.Timestamp(1)})), bytes(16)],
     "int map key": [P.VERSION, msgpack.packb({1: 2}), bytes(16)],
@@ -210,3 +211,98 @@ def test_body_get_checks_types():
         P.body_get({"a": True}, "a", int)
     with pytest.raises(ProtocolError):
         P.body_get({}, "a", int)
+
+
+# --- batched ACKs -------------------------------------------------------------------------------
+def _ack_hdr(**over):
+    h = {"t": int(Msg.ACK), "rid": bytes(16), "bud": 0, "hop": 1, "acks": [[b"\x01" * 16, 2]]}
+    h.update(over)
+    return h
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("n", [1, 2, P.MAX_ACKS, P.MAX_ACKS + 1, 3 * P.MAX_ACKS + 5])
+def test_batched_acks_round_trip_in_order(n):
+    pairs = [(P.new_rid(), i % (P.MAX_HOPS + 1)) for i in range(n)]
+    messages = P.encode_acks(pairs)
+    assert len(messages) == -(-n // P.MAX_ACKS)
+    got = []
+    for frames in messages:
+        assert len(frames[1]) <= P.HEADER_MAX_BYTES
+        msg = P.decode(frames)
+        assert msg.type == Msg.ACK and (msg.rid, msg.get("hop")) == pairs[len(got)]  # first pair: a plain ACK's keys
+        got += msg.acked()
+    assert got == pairs and all(type(p) is tuple for p in got)
+
+
+@pytest.mark.timeout(30)
+def test_plain_ack_is_a_batch_of_one_and_other_types_ack_nothing():
+    rid = P.new_rid()
+    assert P.decode(P.encode(Msg.ACK, rid, 0, {"hop": 3})).acked() == [(rid, 3)]
+    assert P.encode_acks([(rid, 3)])[0][1] == P.encode(Msg.ACK, rid, 0, {"hop": 3})[1]  # same bytes on the wire
+    assert P.encode_acks([]) == []
+    assert P.decode(P.encode_error(rid, Err.BAD_INPUT, "x", hop=3)).acked() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pair", [(b"x", 1), (bytes(16), -1), (bytes(16), P.MAX_HOPS + 1), (bytes(16), True),
+                                  ("a" * 16, 1), (bytes(16), 1.0)])
+def test_encode_acks_refuses_bad_pairs(pair):
+    with pytest.raises(ValueError):
+        P.encode_acks([(P.new_rid(), 0), pair])
+
+
+BAD_ACKS = {
+    "acks not a list": _ack_hdr(acks=b"\x01" * 17),
+    "acks a map": _ack_hdr(acks={"a": 1}),
+    "pair not a list": _ack_hdr(acks=[b"\x01" * 16]),
+    "pair of three": _ack_hdr(acks=[[b"\x01" * 16, 1, 1]]),
+    "pair of one": _ack_hdr(acks=[[b"\x01" * 16]]),
+    "short rid": _ack_hdr(acks=[[b"\x01" * 15, 1]]),
+    "long rid": _ack_hdr(acks=[[b"\x01" * 17, 1]]),
+    "rid as str": _ack_hdr(acks=[["a" * 16, 1]]),
+    "hop negative": _ack_hdr(acks=[[b"\x01" * 16, -1]]),
+    "hop too large": _ack_hdr(acks=[[b"\x01" * 16, P.MAX_HOPS + 1]]),
+    "hop bool": _ack_hdr(acks=[[b"\x01" * 16, True]]),
+    "hop float": _ack_hdr(acks=[[b"\x01" * 16, 1.0]]),
+    "hop None": _ack_hdr(acks=[[b"\x01" * 16, None]]),
+    "too many pairs": _ack_hdr(acks=[[b"\x01" * 16, 1]] * P.MAX_ACKS),
+    "one bad among good": _ack_hdr(acks=[[b"\x01" * 16, 1]] * 10 + [[b"\x01" * 16, 99]]),
+    "acks on a RUN": _hdr(acks=[[b"\x01" * 16, 1]]),
+    "acks on an ERROR": {"t": int(Msg.ERROR), "rid": bytes(16), "bud": 0, "err": [1, "x"], "acks": []},
+    "batched ACK without hop": {k: v for k, v in _ack_hdr().items() if k != "hop"},
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(BAD_ACKS))
+def test_malformed_batched_acks_raise_protocol_error(case):
+    h = BAD_ACKS[case]
+    payload = [bytes(16)] if h.get("ten") else []
+    with pytest.raises(ProtocolError):
+        P.decode([P.VERSION, msgpack.packb(h), *payload])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+@pytest.mark.timeout(60)
+def test_mutated_batched_acks_only_raise_protocol_error(data):
+    frames = P.encode_acks([(P.new_rid(), i % 5) for i in range(data.draw(st.integers(1, 20)))])[0]
+    raw = bytearray(frames[1])
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        msg = P.decode([frames[0], bytes(raw[: data.draw(st.integers(0, len(raw)))])])
+    except ProtocolError:
+        return
+    for rid, hop in msg.acked():  # whatever got through is well-formed
+        assert type(rid) is bytes and len(rid) == P.RID_BYTES and 0 <= hop <= P.MAX_HOPS
+
+
+@pytest.mark.timeout(30)
+def test_remembered_names_do_not_skip_checks():
+    ok = _hdr(mdl="model-a", rep="tcp://h:1")
+    P.decode([P.VERSION, msgpack.packb(ok), bytes(16)])  # now remembered
+    for bad in (_hdr(mdl="model-a/.."), _hdr(rep="tcp://h:1/x"), _hdr(mdl=["model-a"]), _hdr(rep=b"tcp://h:1")):
+        with pytest.raises(ProtocolError):
+            P.decode([P.VERSION, msgpack.packb(bad), bytes(16)])

@@ -38,7 +38,7 @@ from .compute import Done, Job
 if TYPE_CHECKING:
     from .daemon import Worker
 
-RETRY_OVERLOADED_S = 0.005  # a next stage that said OVERLOADED is asked again after this
+RETRY_OVERLOADED_S = 0.05  # a next stage that said OVERLOADED gets nothing for this long, or until it ACKs
 MAX_LINK_REPLIES = 1024  # ACK/ERROR replies parked for senders whose queue is full (then dropped)
 RECENT_RUNS = 4096  # (rid, hop, att) remembered to answer duplicates
 
@@ -72,8 +72,10 @@ class DataPlane:
         self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
         self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
         self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
+        self.acks_out: dict[tuple[bytes, ...], list[tuple[bytes, int]]] = {}  # sender route -> pairs to ACK
         self.counters: collections.Counter[str] = collections.Counter()
         self._rr = 0
+        self.paused: dict[str, float] = {}  # next-stage endpoint -> no sends before (it said OVERLOADED)
 
     def report_counters(self) -> dict[str, int]:
         return {**self.counters, "replies_dropped": self.counters["replies_dropped"] + self.links.dropped,
@@ -114,6 +116,7 @@ class DataPlane:
                 if ev & zmq.POLLOUT:
                     self.links.flush(ep)
             self._drain_outputs()
+            self._flush_acks()
             while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
                 self.replies.popleft()
             self._drain_events()
@@ -150,6 +153,16 @@ class DataPlane:
                 self.lost_peers.pop(arg, None)
 
     # --- inbound -------------------------------------------------------------------------------
+    def ack(self, route: list[bytes], rid: bytes, hop: int) -> None:
+        """Take custody of (rid, hop) for its sender; the ACKs of one loop pass leave as one message per sender."""
+        self.acks_out.setdefault(tuple(route), []).append((rid, hop))
+
+    def _flush_acks(self) -> None:
+        for route, pairs in self.acks_out.items():
+            for frames in P.encode_acks(pairs):
+                self.reply_link(list(route), frames)
+        self.acks_out.clear()
+
     def reply_link(self, route: list[bytes], frames: list[Any]) -> None:
         """A link reply (ACK/ERROR) to a sender; parked if its queue is full, dropped past a bound."""
         if not self.replies and send(self.w.data, frames, route=route):
@@ -181,7 +194,7 @@ class DataPlane:
         key = (msg.rid, hop, msg.get("att", 0))
         if key in self.recent:  # a duplicate: ACK again if finished; if in progress its ACK will come
             if self.recent[key]:
-                self.reply_link(route, P.encode(Msg.ACK, msg.rid, 0, {"hop": hop}))
+                self.ack(route, msg.rid, hop)
             return
         stage = w.stages.get((model, hop))
         if stage is None:
@@ -197,7 +210,7 @@ class DataPlane:
             return
         if msg.budget_ms <= 0:
             self.counters["expired"] += 1
-            self.reply_link(route, P.encode(Msg.ACK, msg.rid, 0, {"hop": hop}))  # custody ends here, unrun
+            self.ack(route, msg.rid, hop)  # custody ends here, unrun
             return
         try:
             w.inq.put_nowait(Job(msg, route, t_recv, time.monotonic() + msg.budget_ms / 1000.0))
@@ -217,17 +230,28 @@ class DataPlane:
         key = (msg.rid, msg.get("hop"), msg.get("att", 0))
         if key in self.recent:
             self.recent[key] = True
-        self.reply_link(job.upstream, P.encode(Msg.ACK, msg.rid, 0, {"hop": msg.get("hop")}))
+        self.ack(job.upstream, msg.rid, msg.get("hop"))
+
+    def _live(self, replicas: tuple[str, ...]) -> list[str]:
+        return [ep for ep in replicas if ep not in self.lost_peers]
 
     def _pick(self, replicas: tuple[str, ...], avoid: str | None = None) -> str | None:
-        """The live replica with the fewest outputs awaiting its ACK and room in its outbox (None: none live)."""
-        live = [ep for ep in replicas if ep not in self.lost_peers and ep != avoid] or \
-               [ep for ep in replicas if ep not in self.lost_peers]
-        if not live:
-            return None
+        """The live replica with room, fewest outputs awaiting its ACK first (None: none has room now).
+
+        Room: fewer than ``queue_depth`` outputs awaiting its ACK (its input queue can take them),
+        no OVERLOADED from it since its last ACK, and space in its outbox. This is credit-based
+        flow control: a busy next stage holds outputs here (and compute waits) instead of being
+        asked again and again.
+        """
+        now = time.monotonic()
+        live = [ep for ep in self._live(replicas) if ep != avoid] or self._live(replicas)
         load = collections.Counter(k.dest for k in self.kept.values())
+        room = [ep for ep in live if load[ep] < self.w.cfg.queue_depth and self.paused.get(ep, 0.0) <= now
+                and not self.links.full(ep)]
+        if not room:
+            return None
         self._rr += 1
-        return min(live, key=lambda ep: (self.links.full(ep), load[ep], (live.index(ep) + self._rr) % len(live)))
+        return min(room, key=lambda ep: (load[ep], (room.index(ep) + self._rr) % len(room)))
 
     def forward(self, done: Done) -> bool:
         """Send a computed output on (or report its error), then ACK upstream. False: no room now, retry."""
@@ -257,8 +281,7 @@ class DataPlane:
             self.counters["results"] += 1
             self._ack_upstream(job)
             return True
-        dest = self._pick(stage.info.next)
-        if dest is None:
+        if not self._live(stage.info.next):
             names = sorted({self.lost_peers.get(ep, ep) for ep in stage.info.next})
             self.report(rep, rid, hop + 1, job.deadline, Err.WORKER_LOST, f"every worker of stage {hop + 1} of "
                         f"{model} ({', '.join(names)}) was lost; the coordinator re-plans, then resend",
@@ -269,6 +292,9 @@ class DataPlane:
         att = msg.get("att", 0)
         if att:
             fields["att"] = att
+        dest = self._pick(stage.info.next)
+        if dest is None:
+            return False  # every replica is busy: hold the output (compute waits) until one ACKs
         frames = P.encode(Msg.RUN, rid, budget_ms, fields, done.payload)
         if not self.links.send(dest, frames, job.deadline):
             return False
@@ -299,28 +325,37 @@ class DataPlane:
             return
         hop = msg.get("hop")
         if msg.type == Msg.ACK:
-            k = self.kept.pop((msg.rid, hop), None)
-            if k is not None:  # a next stage's ACK: time the link to it
-                self.w.rates[k.dest].observe(k.nbytes, k.t_send, time.monotonic())
+            now = time.monotonic()
+            self.paused.pop(endpoint, None)  # it took something: its queue has room again
+            for key in msg.acked():
+                k = self.kept.pop(key, None)
+                if k is not None:  # a next stage's ACK: time the link to it
+                    self.w.rates[k.dest].observe(k.nbytes, k.t_send, now)
         elif msg.type == Msg.ERROR:
             k = self.kept.get((msg.rid, hop))
             if k is None or k.dest != endpoint:
                 return
             code, reason = msg.get("err")
-            if code == Err.OVERLOADED:  # keep custody, ask again shortly (another replica if there is one)
-                k.retry_at = time.monotonic() + RETRY_OVERLOADED_S
+            if code == Err.OVERLOADED:  # keep custody; send again when a replica has room
+                now = time.monotonic()
+                self.paused[endpoint] = now + RETRY_OVERLOADED_S
+                k.retry_at = now
                 return
             del self.kept[(msg.rid, hop)]
             self.report(k.rep, msg.rid, k.hop, k.deadline, Err(code) if code in P.ERR_NAMES else Err.INTERNAL, reason,
                         att=k.att)
 
     def _retry(self, now: float) -> None:
+        """Send again what a next stage refused as OVERLOADED, as replicas get room."""
         for key, k in list(self.kept.items()):
-            if 0 < k.retry_at <= now:
-                dest = self._pick(k.replicas, avoid=k.dest) or k.dest
-                frames = P.restamp(k.frames, int((k.deadline - now) * 1000))
-                if self.links.send(dest, frames, k.deadline):
-                    k.dest, k.frames, k.retry_at, k.t_send = dest, frames, 0.0, now
+            if not k.retry_at:
+                continue
+            dest = self._pick(k.replicas)
+            if dest is None:
+                continue
+            frames = P.restamp(k.frames, int((k.deadline - now) * 1000))
+            if self.links.send(dest, frames, k.deadline):
+                k.dest, k.frames, k.retry_at, k.t_send = dest, frames, 0.0, now
 
     def on_peer_lost(self, endpoint: str, name: str) -> None:
         """Replay every output that waited on the lost worker to a live replica, else report it lost."""
@@ -334,19 +369,18 @@ class DataPlane:
         for key, k in list(self.kept.items()):
             if k.dest != endpoint:
                 continue
-            dest = self._pick(k.replicas)
-            if dest is not None and now < k.deadline:
+            if self._live(k.replicas) and now < k.deadline:  # replay on a replica, now or when one has room
                 k.att += 1
-                frames = P.restamp(P.with_attempt(k.frames, k.att), int((k.deadline - now) * 1000))
-                if self.links.send(dest, frames, k.deadline):
-                    k.dest, k.frames, k.t_send, k.retry_at = dest, frames, now, 0.0
-                    replayed += 1
-                    continue
+                k.frames = P.with_attempt(k.frames, k.att)
+                k.retry_at = now
+                replayed += 1
+                continue
             del self.kept[key]
             failed += 1
             self.report(k.rep, key[0], k.hop, k.deadline, Err.WORKER_LOST,
-                        f"worker {name} ({endpoint}) running stage {k.hop} of {k.model} was lost before finishing"
-                        + ("" if dest is None else "; its replicas are busy"), att=k.att)
+                        f"worker {name} ({endpoint}) running stage {k.hop} of {k.model} was lost before finishing "
+                        "and no replica of it is alive", att=k.att)
+        self._retry(now)
         self.counters["replayed"] += replayed
         if replayed or failed:
             self.log.warning("peer %s lost: %d request(s) replayed on a replica, %d reported failed", name,
