@@ -8,12 +8,15 @@
 
 Part 1 (transfer): one sender process streams activations of 64 KiB, 1, 4 and 16 MiB to one
 receiver process over tcp loopback, (a) through edgesplit's link as a worker sends a hop --
-``protocol.encode`` of a RUN with the tensor frame zero-copy through ``PeerLinks`` (the
-worker's DEALER options and non-blocking outbox), the receiver's validating ``decode`` to
-a tensor, one batched ACK (``protocol.encode_acks``) per sender for everything drained in
-one poll cycle, and the sender keeping every message (at most 64) until an ACK names it --
-and (b) through raw pyzmq PUSH/PULL, zero-copy from the same kind of memory (a torch tensor's:
-numpy would back a large array with huge pages) and with the same high-water marks
+``protocol.encode`` of a RUN through ``PeerLinks`` (the worker's DEALER options, so a tensor frame
+under ``protocol.ZERO_COPY_MIN_BYTES`` is copied and a larger one goes zero-copy, and its
+non-blocking outbox), the receiver's ``transport.recv`` and
+validating ``decode`` to a tensor, one batched ACK (``protocol.encode_acks``) per sender for
+everything drained in one poll cycle, and the sender keeping every message (at most 64) until
+an ACK names it -- and (b) through raw pyzmq PUSH/PULL with pyzmq's defaults, one frame per
+message sent with ``copy=False`` (zero-copy from pyzmq's 64 KiB ``COPY_THRESHOLD`` on) and received
+zero-copy (``recv(copy=False)``, the cheapest receive pyzmq has), from the same kind of memory
+(a torch tensor's: numpy would back a large array with huge pages) and with the same high-water marks
 (``--hwm``, default ``protocol.DATA_HWM_MSGS``). Both kinds share the two processes and their rounds
 alternate, so each edgesplit round is compared with a raw round next to it in time; the
 ratio is the median over ``--repeats`` such pairs. Each process's CPU time (all threads)
@@ -53,22 +56,22 @@ def _n_messages(size: int) -> int:
 KINDS = ("raw", "edgesplit")
 
 
-def _drain(sock: Any, take: Any, limit: int) -> int:
+def _drain(receive: Any, take: Any, limit: int) -> int:
     """Take every message readable now (at most ``limit``), as a worker's io loop does per poll cycle."""
     import zmq
 
     n = 0
     while n < limit:
         try:
-            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            msg = receive()
         except zmq.Again:
             break
-        take(frames)
+        take(msg)
         n += 1
     return n
 
 
-def _receive_round(sock: Any, take: Any, flush: Any, total: int, warmup: int) -> dict[str, float]:
+def _receive_round(sock: Any, receive: Any, take: Any, flush: Any, total: int, warmup: int) -> dict[str, float]:
     """Receive ``total`` messages; time and CPU from the first drained batch past ``warmup`` (the pipe is full)."""
     from edgesplit.runtime import protocol as P
 
@@ -78,7 +81,7 @@ def _receive_round(sock: Any, take: Any, flush: Any, total: int, warmup: int) ->
     while got < total:
         if not sock.poll(60_000):  # a lost message ends the run with an error, not a hang
             raise TimeoutError(f"receiver: nothing for 60 s after {got} of {total} messages")
-        got += _drain(sock, take, P.MAX_ACKS)
+        got += _drain(receive, take, P.MAX_ACKS)
         batches += 1
         flush()
         if t0 is None and got >= warmup:
@@ -94,7 +97,7 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
     import zmq
 
     from edgesplit.runtime import protocol as P
-    from edgesplit.runtime.transport import SocketOptions, router
+    from edgesplit.runtime.transport import SocketOptions, recv, router, send
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -105,25 +108,32 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
     out.put({"raw": f"tcp://127.0.0.1:{port}", "edgesplit": endpoint})
     acks: dict[bytes, list[tuple[bytes, int]]] = {}
 
-    def take_raw(frames: list) -> None:
-        np.frombuffer(frames[0].buffer, dtype=np.float32)
+    def receive_raw() -> Any:
+        return pull.recv(zmq.NOBLOCK, copy=False)  # one frame: no RCVMORE to ask about
 
-    def take_edgesplit(frames: list) -> None:
-        msg = P.decode(frames[1:])
-        msg.tensor(0)  # a tensor over the frame, as the worker's compute gets it
-        acks.setdefault(frames[0].bytes, []).append((msg.rid, msg.get("hop")))
+    def take_raw(frame: Any) -> None:
+        np.frombuffer(frame.buffer, dtype=np.float32)
+
+    def receive_edgesplit() -> tuple[list[bytes], list]:
+        return recv(rtr, 1)  # the worker's receive: (routing id, frames)
+
+    def take_edgesplit(msg: tuple[list[bytes], list]) -> None:
+        route, frames = msg
+        m = P.decode(frames)
+        m.tensor(0)  # a tensor over the frame, as the worker's compute gets it
+        acks.setdefault(route[0], []).append((m.rid, m.get("hop")))
 
     def ack_batch() -> None:
         for route, pairs in acks.items():  # custody of the whole drained batch: one ACK per sender
             for ack in P.encode_acks(pairs):
-                rtr.send_multipart([route, *ack], copy=False)
+                send(rtr, ack, route=[route], block=True)  # the worker parks what cannot go; here nothing is lost
         acks.clear()
 
     for kind, total, warmup in iter(ctl.get, None):
         if kind == "raw":
-            out.put(_receive_round(pull, take_raw, lambda: None, total, warmup))
+            out.put(_receive_round(pull, receive_raw, take_raw, lambda: None, total, warmup))
         else:
-            out.put(_receive_round(rtr, take_edgesplit, ack_batch, total, warmup))
+            out.put(_receive_round(rtr, receive_edgesplit, take_edgesplit, ack_batch, total, warmup))
     pull.close()
     rtr.close()
     ctx.term()
@@ -136,6 +146,9 @@ def _transfer_sender(hwm: int, endpoints: dict[str, str], ctl: Any, out: Any) ->
 
     from edgesplit.runtime.transport import PeerLinks, SocketOptions
 
+    # one torch thread, as a worker runs: the tensor made per round (torch.ones) would otherwise leave an
+    # OpenMP thread spinning through the round from 1 MiB on, about 95 us of CPU per message on 2 cores
+    torch.set_num_threads(1)
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, hwm)
@@ -161,6 +174,7 @@ def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, max_kept: int
     import zmq
 
     from edgesplit.runtime import protocol as P
+    from edgesplit.runtime.transport import recv
 
     link = links.link(endpoint)
     kept: dict[tuple[bytes, int], list] = {}
@@ -177,7 +191,7 @@ def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, max_kept: int
             links.flush(endpoint)
         while True:
             try:
-                reply = P.decode(link.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                reply = P.decode(recv(link)[1])
             except zmq.Again:
                 break
             for pair in reply.acked():
@@ -257,12 +271,15 @@ def _summary(size: int, rounds: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def run_transfer(args: argparse.Namespace) -> list[dict]:
+    from edgesplit.runtime import protocol as P
+
     rows = []
     print(f"\n[transfer] tcp loopback, HWM {args.hwm} msgs on both kinds' sockets, {args.repeats} pairs of timed "
           f"rounds (~64 MiB each, after {args.warmup} messages that fill the pipe), kinds alternating; medians.\n"
-          f"edgesplit: RUN encode + zero-copy frame, validating decode to a tensor, one batched ACK per drained "
-          f"batch, sender keeps <= 64 until ACKed.\nratio = median over pairs of edgesplit/raw throughput; "
-          f"CPU = sender+receiver process CPU (all threads) per message")
+          f"edgesplit: RUN encode + frame (copied under {P.ZERO_COPY_MIN_BYTES >> 10} KiB), validating decode to a "
+          f"tensor, one batched ACK per drained batch, sender keeps <= 64 until ACKed.\n"
+          f"ratio = median over pairs of edgesplit/raw throughput; CPU = sender+receiver process CPU (all threads) "
+          f"per message")
     print(f"{'size':>8}  {'raw GB/s':>9} {'us/msg':>8} {'CPU us':>11}  {'edgesplit GB/s':>14} {'us/msg':>8} "
           f"{'CPU us':>11} {'msgs/ACK':>8}  {'ratio':>5} {'(min-max)':>11}  {'CPU ratio':>9}")
     for size in args.sizes:

@@ -51,7 +51,8 @@ from .errors import Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, U
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
-from .transport import PeerLinks, SocketOptions, Waker, advertised, dealer, local_address_towards, router, send
+from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, local_address_towards, recv, router,
+                        send)
 from .types import Route, RouteHop, WorkerInfo
 
 log = logging.getLogger("edgesplit.client")
@@ -340,7 +341,8 @@ class Client:
         self._link = CoordinatorLink(self._connect_coordinator, self.cfg.heartbeat_ms, self.cfg.liveness,
                                      f"coordinator {self.cfg.coordinator}", log)
         self._links = PeerLinks(self.ctx, self.ident, SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
-                                max_outbox_msgs=max(self.cfg.window, 1))
+                                max_outbox_msgs=max(self.cfg.window, 1),
+                                protected=lambda ep: self._unacked[ep] > 0)
         interval = self.cfg.heartbeat_ms / 1000.0
         next_hello = next_sweep = 0.0
         while not self._closed.is_set():
@@ -359,7 +361,7 @@ class Client:
             if coord is not None and coord in events:
                 for _ in range(64):
                     try:
-                        frames = coord.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        _, frames = recv(coord)
                     except zmq.Again:
                         break
                     self._link.heard()
@@ -367,10 +369,10 @@ class Client:
             if self._results in events:
                 for _ in range(256):
                     try:
-                        frames = self._results.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        route, frames = recv(self._results, 1)
                     except zmq.Again:
                         break
-                    self._on_result(frames[0].bytes, frames[1:])
+                    self._on_result(route[0], frames)
             for sock, ev in events.items():
                 ep = self._links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
                 if ep is None:
@@ -378,7 +380,7 @@ class Client:
                 if ev & zmq.POLLIN:
                     for _ in range(64):
                         try:
-                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                            _, frames = recv(sock)
                         except zmq.Again:
                             break
                         self._on_link_reply(ep, frames)
@@ -514,7 +516,7 @@ class Client:
             self._finish(req.rid, P.error_from_wire(Err.BAD_INPUT, f"input for {req.model} cannot be sent: {e}"))
             return
         req.info.route = route
-        req.info.input_bytes = P.total_bytes(frames[2:])
+        req.info.input_bytes = P.total_bytes(frames[1:])
         req.info.t_sent = time.time()
         req.endpoint, req.acked, req.lost_at = hop0.endpoint, False, None
         self._unacked[hop0.endpoint] += 1
@@ -598,8 +600,9 @@ class Client:
             if req.endpoint == endpoint and not req.acked:  # we still hold its input: it never left that worker
                 self._replay(req, WorkerLost(f"worker {name} ({endpoint}), stage 0 of {req.model}'s route, was lost "
                                              "before acknowledging the request"))
-            elif req.info.route is not None and name in req.info.route.workers and req.lost_at is None \
-                    and req.endpoint is not None:
+            elif req.lost_at is None and req.endpoint is not None and req.info.route is not None \
+                    and name in req.info.route.workers:
+                # it may have been in the lost worker's custody (its output not yet taken by the next stage)
                 req.lost_at = now + self.cfg.lost_grace_ms / 1000.0
                 req.lost_reason = (f"worker {name} on the route of {req.model} ({req.info.route.describe()}) "
                                    "was lost and no result arrived")
@@ -625,10 +628,13 @@ class Client:
         req.info.trace = list(msg.get("trc", []))
         self._finish(msg.rid, None, y)
 
-    def _on_error(self, req: _Req, msg: P.Message) -> None:
-        """A worker's ERROR for ``req``: replay what a live replica or a re-plan can still serve, else fail."""
+    def _on_error(self, req: _Req, msg: P.Message, current: bool = False) -> None:
+        """A worker's ERROR for ``req``: replay what a live replica or a re-plan can still serve, else fail.
+
+        ``current``: the reply came on the link the request was last sent on, so it is about this attempt.
+        """
         code, reason = msg.get("err")
-        if msg.get("att", 0) < req.att:
+        if not current and msg.get("att", 0) < req.att:
             return  # news of an attempt already replayed
         exc = P.error_from_wire(code, reason)
         if code in (Err.WORKER_LOST, Err.NOT_DEPLOYED):
@@ -652,7 +658,7 @@ class Client:
             return
         req = self._pending.get(msg.rid)
         if msg.type == Msg.ERROR and req is not None and req.endpoint == endpoint:
-            self._on_error(req, msg)
+            self._on_error(req, msg, current=True)
 
     def _expire(self, req: _Req) -> None:
         if req.info.route is None and req.model not in self.routes:

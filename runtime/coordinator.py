@@ -53,7 +53,7 @@ from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
 from .plans import PLANS_DIR, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
 from .protocol import Err, Msg
-from .transport import SocketOptions, Waker, router, send
+from .transport import SocketOptions, Waker, recv, router, send
 from .types import MAX_REPLICAS, Route, StageInfo, WorkerInfo, WorkerState
 
 log = logging.getLogger("edgesplit.coordinator")
@@ -184,10 +184,10 @@ class Coordinator:
                 if self.sock in events:
                     for _ in range(256):
                         try:
-                            frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                            route, frames = recv(self.sock, 1)
                         except zmq.Again:
                             break
-                        self._dispatch(frames[0].bytes, frames[1:])
+                        self._dispatch(route[0], frames)
                 now = time.monotonic()
                 if now >= next_hb:
                     next_hb = now + interval
@@ -286,6 +286,8 @@ class Coordinator:
         log.info("worker %s registered: %s, %s, budget %d B, %d stage(s)", info.name, info.endpoint, info.device,
                  info.memory_budget_bytes, len(info.stages))
         self._reply(ident, P.encode(Msg.HEARTBEAT, msg.rid, 0))
+        if info.stages:  # back with its stages (a blip, or the coordinator restarted): senders may use it again
+            self._notify_alive(self.workers[info.name], info.stages)
         # a (re-)registered worker has dropped any deploy it was loading: those orders end here
         for rid, plan in list(self.plans.items()):
             if info.name in plan.waiting:

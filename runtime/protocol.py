@@ -1,10 +1,14 @@
-"""The wire format: every constant, the version frame, one encoder and one validating decoder.
+"""The wire format: every constant, the version prefix, one encoder and one validating decoder.
 
 A message is a ZeroMQ multipart message (after any ROUTER routing-id frames)::
 
-    F0  VERSION (b"ESP1")          protocol id + version; anything else is refused
-    F1  msgpack header (<= 16 KiB) {"t": type, "rid": 16-byte id, "bud": budget ms, ...}
-    F2… one raw frame per tensor   C-contiguous little-endian bytes, len == prod(shape) * itemsize
+    F0  VERSION (b"ESP2")          protocol id + version, 4 bytes; anything else is refused
+        + msgpack header (<= 16 KiB) {"t": type, "rid": 16-byte id, "bud": budget ms, ...}
+    F1… one raw frame per tensor   C-contiguous little-endian bytes, len == prod(shape) * itemsize
+
+The version is a prefix of the header frame, not a frame of its own (ESP1 sent it alone):
+every frame costs a send and a receive call in pyzmq and a ZMTP frame, and most messages
+have one payload frame or none. An ESP1 peer is refused with a message saying so.
 
 Nothing outside this module writes a message-type or error-code literal. The decoder
 is the only door for bytes from the network: it either returns a fully validated
@@ -50,15 +54,21 @@ if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
     raise ImportError("edgesplit's wire format needs a little-endian host")
 
 # --- framing ---------------------------------------------------------------------------------
-VERSION = b"ESP1"  # like zguide's MDPW01: bump on any incompatible header change
+VERSION = b"ESP2"  # like zguide's MDPW01: bump on any incompatible header change; the header frame's first bytes
+_VLEN = len(VERSION)
 RID_BYTES = 16  # request ids are uuid4-sized random bytes
-HEADER_MAX_BYTES = 16 * 1024  # one header frame; bounds msgpack amplification
+HEADER_MAX_BYTES = 16 * 1024  # msgpack part of the header frame (after VERSION); bounds msgpack amplification
 MAX_PAYLOAD_FRAMES = 16  # tensors (or byte blobs) per message
 MAX_NDIM = 8
 MAX_HOPS = 64  # stages on one route
 MAX_ACKS = 256  # (rid, hop) pairs one ACK message acknowledges (20 B each in the header)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # default payload cap per frame and per message (ZMQ_MAXMSGSIZE per frame)
-ZERO_COPY_MIN_BYTES = 64 * 1024  # pyzmq copies smaller frames anyway (zmq.COPY_THRESHOLD)
+# Payload frames below this are copied into the message, larger ones sent zero-copy (every edgesplit
+# socket's pyzmq ``copy_threshold``; pyzmq's default is 64 KiB). A zero-copy frame costs pyzmq a
+# round trip through its garbage-collector thread, which takes the GIL from the loop that sends:
+# measured on 2 cores, copying a 64 or 96 KiB frame saves the sending process a quarter to a third
+# of its CPU per message, while from 128 KiB on (glibc malloc's mmap threshold) the copy costs more.
+ZERO_COPY_MIN_BYTES = 128 * 1024
 UNPACK_LIMITS = dict(max_str_len=4096, max_bin_len=64, max_array_len=4096, max_map_len=64, max_ext_len=0)
 
 # --- timing ----------------------------------------------------------------------------------
@@ -519,7 +529,7 @@ def _packb(header: dict[str, Any]) -> bytes:
 
 def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | None = None,
            payload: Sequence[Any] = ()) -> list[Any]:
-    """Build a message's frames: ``[VERSION, header, *payload buffers]``.
+    """Build a message's frames: ``[VERSION + header, *payload buffers]``.
 
     Args:
         mtype: message type.
@@ -547,7 +557,7 @@ def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | N
     if len(packed) > HEADER_MAX_BYTES:
         raise ProtocolError(f"{mtype.name} header is {len(packed)} B, the limit is {HEADER_MAX_BYTES} B; "
                             "move bulk data into a payload frame")
-    return [VERSION, packed, *bufs]
+    return [VERSION + packed, *bufs]
 
 
 _ACK_CODE = int(Msg.ACK)
@@ -573,7 +583,7 @@ def encode_acks(pairs: Sequence[tuple[bytes, int]]) -> list[list[Any]]:
         header: dict[str, Any] = {"t": _ACK_CODE, "rid": rid, "bud": 0, "hop": hop}
         if len(chunk) > 1:
             header["acks"] = [[r, h] for r, h in chunk[1:]]
-        out.append([VERSION, _packb(header)])
+        out.append([VERSION + _packb(header)])
     return out
 
 
@@ -586,35 +596,44 @@ def decode(frames: Sequence[Any], max_frame_bytes: int = MAX_FRAME_BYTES) -> Mes
     """Validate and decode one message (routing-id frames already stripped).
 
     Args:
-        frames: ``[VERSION, header, *payload]`` as bytes or ``zmq.Frame``.
+        frames: ``[VERSION + header, *payload]`` as bytes or ``zmq.Frame``.
         max_frame_bytes: largest payload frame accepted.
     Returns:
         The message; its tensors borrow the payload frames' memory.
     Raises:
         ProtocolError: for anything that is not a well-formed message of this protocol version.
     """
-    if len(frames) < 2:
-        raise _bad(f"expected [version, header, payload...], got {len(frames)} frame(s)")
-    if len(frames) > 2 + MAX_PAYLOAD_FRAMES:
-        raise _bad(f"{len(frames)} frames, at most {2 + MAX_PAYLOAD_FRAMES}")
-    version = _frame_bytes(frames[0], 16)
-    if version != VERSION:
-        raise _bad(f"version frame {version[:16]!r}, expected {VERSION!r}")
-    if frame_len(frames[1]) > HEADER_MAX_BYTES:
-        raise _bad(f"header is {frame_len(frames[1])} B, the limit is {HEADER_MAX_BYTES} B")
-    raw = _frame_bytes(frames[1], HEADER_MAX_BYTES)
+    n = len(frames)
+    if n == 0 or n > 1 + MAX_PAYLOAD_FRAMES:
+        raise _bad(f"expected [{VERSION.decode()} + header, payload...] with at most {MAX_PAYLOAD_FRAMES} payload "
+                   f"frames, got {n} frame(s)")
+    first = frames[0]
+    size = frame_len(first)
+    if size > _VLEN + HEADER_MAX_BYTES:
+        raise _bad(f"header is {size - _VLEN} B, the limit is {HEADER_MAX_BYTES} B")
+    raw = _frame_bytes(first, _VLEN + HEADER_MAX_BYTES)
+    if raw[:_VLEN] != VERSION:
+        raise _version_error(raw)
     try:
-        header = _unpack_header(raw)
+        header = _unpack_header(raw[_VLEN:])
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
         # msgpack documents that unpack may raise beyond UnpackException; these are what it raises
         raise _bad(f"header is not valid msgpack within limits ({type(e).__name__}: {e})") from None
-    payload = frames[2:] if type(frames) is list else list(frames[2:])
-    mtype, specs = _validate_header(header, len(payload), max_frame_bytes)
+    payload = frames[1:] if type(frames) is list else list(frames[1:])
+    mtype, specs = _validate_header(header, n - 1, max_frame_bytes)
     for i, (spec, frame) in enumerate(zip(specs, payload)):
-        n = frame_len(frame)
-        if n != spec.nbytes:
-            raise _bad(f"payload frame {i} is {n} B, header declares {spec.nbytes} B")
+        got = frame_len(frame)
+        if got != spec.nbytes:
+            raise _bad(f"payload frame {i} is {got} B, header declares {spec.nbytes} B")
     return Message(mtype, header, specs, payload)
+
+
+def _version_error(raw: bytes) -> ProtocolError:
+    """What to say about a first frame that does not start with VERSION (an old peer gets told so)."""
+    if raw == b"ESP1":  # ESP1 sent its version as a frame of its own
+        return ProtocolError(f"protocol ESP1 peer; upgrade it (this end speaks {VERSION.decode()}: "
+                             f"one frame of {VERSION!r} + msgpack header, then the payload frames)")
+    return _bad(f"the first frame starts with {raw[:8]!r}, expected {VERSION!r} + msgpack header")
 
 
 def frame_len(frame: Any) -> int:
@@ -697,16 +716,37 @@ def restamp(frames: list[Any], budget_ms: int) -> list[Any]:
     Deadlines are absolute where they are kept (monotonic, on one host) and relative on the
     wire; a message that sat in a queue must not carry the budget it had when it was encoded.
     """
-    header = msgpack.unpackb(_frame_bytes(frames[1], HEADER_MAX_BYTES), raw=False)
-    header["bud"] = max(0, min(int(budget_ms), MAX_BUDGET_MS))
-    return [frames[0], msgpack.packb(header, use_bin_type=True), *frames[2:]]
+    return _rewrite_header(frames, "bud", max(0, min(int(budget_ms), MAX_BUDGET_MS)))
 
 
 def with_attempt(frames: list[Any], attempt: int) -> list[Any]:
     """``frames`` re-addressed as attempt ``attempt`` (a replay on a replica counts up ``att``)."""
-    header = msgpack.unpackb(_frame_bytes(frames[1], HEADER_MAX_BYTES), raw=False)
-    header["att"] = min(int(attempt), 255)
-    return [frames[0], msgpack.packb(header, use_bin_type=True), *frames[2:]]
+    return _rewrite_header(frames, "att", min(int(attempt), 255))
+
+
+def _rewrite_header(frames: Sequence[Any], key: str, value: Any) -> list[Any]:
+    """A message this process encoded, with one header key set; the payload frames are shared, not copied."""
+    header = msgpack.unpackb(_frame_bytes(frames[0], _VLEN + HEADER_MAX_BYTES)[_VLEN:], raw=False)
+    header[key] = value
+    return [VERSION + msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
+def salvage_rid(frames: Sequence[Any]) -> bytes:
+    """The request id of a message ``decode`` refused, when its header still parses (zeros when not).
+
+    The ERROR a receiver answers with carries it, so the sender can match the refusal to its request.
+    """
+    try:
+        if frames and frame_len(frames[0]) <= _VLEN + HEADER_MAX_BYTES:
+            raw = _frame_bytes(frames[0], _VLEN + HEADER_MAX_BYTES)
+            if raw[:_VLEN] == VERSION:
+                h = msgpack.unpackb(raw[_VLEN:], raw=False, **UNPACK_LIMITS)
+                rid = h.get("rid") if isinstance(h, dict) else None
+                if isinstance(rid, bytes) and len(rid) == RID_BYTES:
+                    return rid
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError):
+        pass
+    return bytes(RID_BYTES)
 
 
 def is_finite_number(v: Any) -> bool:

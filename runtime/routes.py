@@ -11,7 +11,7 @@ from typing import Mapping
 
 from edgesplit.partitioner import ModelManifest
 
-from .errors import RuntimeFailure, UnknownModel, WorkerLost
+from .errors import NotDeployed, RuntimeFailure, UnknownModel, WorkerLost
 from .plan import PlannedHop
 from .plans import LiveWorker, PlanRecord
 from .types import Route, RouteHop, StageInfo
@@ -52,15 +52,19 @@ def _stage_down(model: str, rec: PlanRecord, k: int, h: PlannedHop, live: Mappin
                 deploying: bool, settling: bool) -> RuntimeFailure:
     """The error for stage ``k`` of a kept plan that no live worker serves."""
     present = [w for w in h.workers if w in live]
+    # NotDeployed ("retry shortly") while something is under way: clients keep their replays for it
     if present:
-        return UnknownModel(f"model {model}: stage {k} (blocks [{h.start}, {h.end})) of plan {rec.plan} is not "
+        return NotDeployed(f"model {model}: stage {k} (blocks [{h.start}, {h.end})) of plan {rec.plan} is not "
                             f"loaded on {present} yet (deploying, or the deploy failed: see the coordinator's "
                             "log); retry shortly")
     if settling:
-        return UnknownModel(f"model {model}: worker(s) {list(h.workers)} of stage {k} of plan {rec.plan} have not "
+        return NotDeployed(f"model {model}: worker(s) {list(h.workers)} of stage {k} of plan {rec.plan} have not "
                             "registered since the coordinator started; retry shortly")
-    nxt = ("it is being re-planned onto the live workers; retry shortly" if deploying else
-           "no live worker could take it (none left, none with room, or --no-replan); start one of them again "
+    if deploying:
+        return NotDeployed(f"model {model}: no live worker hosts stage {k} (blocks [{h.start}, {h.end})) of plan "
+                           f"{rec.plan}; worker(s) {list(h.workers)} were lost; it is being re-planned onto the "
+                           "live workers; retry shortly")
+    nxt = ("no live worker could take it (none left, none with room, or --no-replan); start one of them again "
            "(it gets its stages back by itself), start more workers, or deploy the model anew (Client.deploy)")
     return WorkerLost(f"model {model}: no live worker hosts stage {k} (blocks [{h.start}, {h.end})) of plan "
                       f"{rec.plan}; worker(s) {list(h.workers)} were lost; {nxt}")
@@ -100,7 +104,7 @@ def route_of_reports(manifest: ModelManifest, live: Mapping[str, LiveWorker],
         if hop not in hops or hops[hop][0][1].start != pos:
             if gone:
                 raise lost_error()
-            raise UnknownModel(f"model {model} plan {newest} is incomplete (still deploying?); hops {sorted(hops)}")
+            raise NotDeployed(f"model {model} plan {newest} is incomplete (still deploying?); hops {sorted(hops)}")
         replicas.append([RouteHop(hop, name, live[name].endpoint, s.start, s.end)
                          for name, s in sorted(hops[hop], key=lambda x: x[0])])
         pos = hops[hop][0][1].end

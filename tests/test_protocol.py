@@ -44,7 +44,8 @@ def test_empty_and_blob_payloads():
 def test_send_side_shares_the_tensor_memory():
     x = torch.randn(256, 1024)
     frames = _run([x])
-    assert frames[2].ctypes.data == x.data_ptr()  # contiguous CPU tensors go out without a copy
+    assert len(frames) == 2 and frames[0].startswith(P.VERSION)  # the version prefixes the header: one frame less
+    assert frames[1].ctypes.data == x.data_ptr()  # contiguous CPU tensors go out without a copy
 
 
 @pytest.mark.timeout(30)
@@ -59,7 +60,7 @@ def test_receive_side_borrows_the_frame_memory():
     msg = P.decode(frames)
     y = msg.tensor(0)
     assert torch.equal(x, y)
-    assert y.data_ptr() == np.frombuffer(frames[2].buffer, np.uint8).ctypes.data  # a view, not a copy
+    assert y.data_ptr() == np.frombuffer(frames[1].buffer, np.uint8).ctypes.data  # a view, not a copy
     a.close(0)
     b.close(0)
     ctx.term()
@@ -73,35 +74,38 @@ def _hdr(**over):
 
 
 BAD = {
-    "too few frames": [P.VERSION],
-    "wrong version": [b"ESP0", msgpack.packb(_hdr()), bytes(16)],
-    "header not msgpack": [P.VERSION, b"\xc1\xc1\xc1", bytes(16)],
-    "header too large": [P.VERSION, b"\x00" * (P.HEADER_MAX_BYTES + 1), bytes(16)],
-    "trailing bytes": [P.VERSION, msgpack.packb(_hdr()) + b"\x00", bytes(16)],
-    "not a map": [P.VERSION, msgpack.packb([1]), bytes(16)],
-    "missing rid": [P.VERSION, msgpack.packb({k: v for k, v in _hdr().items() if k != "rid"}), bytes(16)],
-    "short rid": [P.VERSION, msgpack.packb(_hdr(rid=b"x")), bytes(16)],
-    "negative budget": [P.VERSION, msgpack.packb(_hdr(bud=-1)), bytes(16)],
-    "unknown type": [P.VERSION, msgpack.packb(_hdr(t=200)), bytes(16)],
-    "bool as int": [P.VERSION, msgpack.packb(_hdr(hop=True)), bytes(16)],
-    "unknown key": [P.VERSION, msgpack.packb(_hdr(zz=1)), bytes(16)],
-    "RUN without rep": [P.VERSION, msgpack.packb({k: v for k, v in _hdr().items() if k != "rep"}), bytes(16)],
-    "bad endpoint": [P.VERSION, msgpack.packb(_hdr(rep="http://x")), bytes(16)],
-    "bad model name": [P.VERSION, msgpack.packb(_hdr(mdl="../etc")), bytes(16)],
-    "bad dtype": [P.VERSION, msgpack.packb(_hdr(ten=[[0, [2, 2], 16]])), bytes(16)],
-    "too many dims": [P.VERSION, msgpack.packb(_hdr(ten=[[5, [1] * 9, 1]])), bytes(1)],
-    "negative dim": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [-2, -2], 16]])), bytes(16)],
-    "nbytes mismatch": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [2, 2], 15]])), bytes(15)],
-    "frame shorter": [P.VERSION, msgpack.packb(_hdr()), bytes(15)],
-    "frame count": [P.VERSION, msgpack.packb(_hdr()), bytes(16), bytes(16)],
-    "huge declared": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [1 << 30, 1 << 30], 1 << 62]])), bytes(16)],
-    "empty but huge": [P.VERSION, msgpack.packb(_hdr(ten=[[1, [0, 1 << 27, 1 << 27, 1 << 27], 0]]))],
-    "ext type": [P.VERSION, msgpack.packb(_hdr(mdl=msgpack.ExtType(1, b"x"))), bytes(16)],
-    "timestamp ext": [P.VERSION, msgpack.packb(_hdr(cmeta={"t": msgpack.Timestamp(1)})), bytes(16)],
-    "int map key": [P.VERSION, msgpack.packb({1: 2}), bytes(16)],
-    "err not a pair": [P.VERSION, msgpack.packb({"t": int(Msg.ERROR), "rid": bytes(16), "bud": 0, "err": [1]})],
-    "too many frames": [P.VERSION, msgpack.packb(_hdr())] + [b""] * (P.MAX_PAYLOAD_FRAMES + 1),
-    "deep nesting": [P.VERSION, b"\x91" * 100 + b"\xc0", bytes(16)],
+    "no frames": [],
+    "version alone": [P.VERSION],
+    "wrong version": [b"ESP0" + msgpack.packb(_hdr()), bytes(16)],
+    "no version": [msgpack.packb(_hdr()), bytes(16)],
+    "ESP1 peer": [b"ESP1", msgpack.packb(_hdr()), bytes(16)],
+    "header not msgpack": [P.VERSION + b"\xc1\xc1\xc1", bytes(16)],
+    "header too large": [P.VERSION + b"\x00" * (P.HEADER_MAX_BYTES + 1), bytes(16)],
+    "trailing bytes": [P.VERSION + msgpack.packb(_hdr()) + b"\x00", bytes(16)],
+    "not a map": [P.VERSION + msgpack.packb([1]), bytes(16)],
+    "missing rid": [P.VERSION + msgpack.packb({k: v for k, v in _hdr().items() if k != "rid"}), bytes(16)],
+    "short rid": [P.VERSION + msgpack.packb(_hdr(rid=b"x")), bytes(16)],
+    "negative budget": [P.VERSION + msgpack.packb(_hdr(bud=-1)), bytes(16)],
+    "unknown type": [P.VERSION + msgpack.packb(_hdr(t=200)), bytes(16)],
+    "bool as int": [P.VERSION + msgpack.packb(_hdr(hop=True)), bytes(16)],
+    "unknown key": [P.VERSION + msgpack.packb(_hdr(zz=1)), bytes(16)],
+    "RUN without rep": [P.VERSION + msgpack.packb({k: v for k, v in _hdr().items() if k != "rep"}), bytes(16)],
+    "bad endpoint": [P.VERSION + msgpack.packb(_hdr(rep="http://x")), bytes(16)],
+    "bad model name": [P.VERSION + msgpack.packb(_hdr(mdl="../etc")), bytes(16)],
+    "bad dtype": [P.VERSION + msgpack.packb(_hdr(ten=[[0, [2, 2], 16]])), bytes(16)],
+    "too many dims": [P.VERSION + msgpack.packb(_hdr(ten=[[5, [1] * 9, 1]])), bytes(1)],
+    "negative dim": [P.VERSION + msgpack.packb(_hdr(ten=[[1, [-2, -2], 16]])), bytes(16)],
+    "nbytes mismatch": [P.VERSION + msgpack.packb(_hdr(ten=[[1, [2, 2], 15]])), bytes(15)],
+    "frame shorter": [P.VERSION + msgpack.packb(_hdr()), bytes(15)],
+    "frame count": [P.VERSION + msgpack.packb(_hdr()), bytes(16), bytes(16)],
+    "huge declared": [P.VERSION + msgpack.packb(_hdr(ten=[[1, [1 << 30, 1 << 30], 1 << 62]])), bytes(16)],
+    "empty but huge": [P.VERSION + msgpack.packb(_hdr(ten=[[1, [0, 1 << 27, 1 << 27, 1 << 27], 0]]))],
+    "ext type": [P.VERSION + msgpack.packb(_hdr(mdl=msgpack.ExtType(1, b"x"))), bytes(16)],
+    "timestamp ext": [P.VERSION + msgpack.packb(_hdr(cmeta={"t": msgpack.Timestamp(1)})), bytes(16)],
+    "int map key": [P.VERSION + msgpack.packb({1: 2}), bytes(16)],
+    "err not a pair": [P.VERSION + msgpack.packb({"t": int(Msg.ERROR), "rid": bytes(16), "bud": 0, "err": [1]})],
+    "too many frames": [P.VERSION + msgpack.packb(_hdr())] + [b""] * (P.MAX_PAYLOAD_FRAMES + 1),
+    "deep nesting": [P.VERSION + b"\x91" * 100 + b"\xc0", bytes(16)],
 }
 
 
@@ -110,6 +114,29 @@ BAD = {
 def test_malformed_messages_raise_protocol_error(case):
     with pytest.raises(ProtocolError):
         P.decode(BAD[case])
+
+
+@pytest.mark.timeout(30)
+def test_an_esp1_peer_is_told_to_upgrade():
+    with pytest.raises(ProtocolError, match="protocol ESP1 peer; upgrade it"):
+        P.decode([b"ESP1", msgpack.packb(_hdr()), bytes(16)])
+    with pytest.raises(ProtocolError, match="expected b'ESP2'"):
+        P.decode([b"ESP0" + msgpack.packb(_hdr()), bytes(16)])
+
+
+@pytest.mark.timeout(30)
+def test_header_cap_counts_the_msgpack_part_only():
+    body = {f"k{i}": "a" * 3200 for i in range(5)}
+    pad = P.HEADER_MAX_BYTES - len(P.encode(Msg.HELLO, bytes(16), 0, {"body": body})[0]) + len(P.VERSION)
+    body["k0"] += "a" * pad  # k0 stays within the decoder's 4096-character string limit
+    frames = P.encode(Msg.HELLO, bytes(16), 0, {"body": body})
+    assert len(frames[0]) == len(P.VERSION) + P.HEADER_MAX_BYTES
+    assert P.decode(frames).body == body
+    body["k0"] += "a"
+    with pytest.raises(ProtocolError, match="header is"):
+        P.encode(Msg.HELLO, bytes(16), 0, {"body": body})
+    with pytest.raises(ProtocolError, match="header is"):
+        P.decode([frames[0] + b"\xc0"])
 
 
 @pytest.mark.timeout(30)
@@ -149,7 +176,7 @@ _msgpack_values = st.recursive(
 @pytest.mark.timeout(60)
 def test_structured_garbage_headers_only_raise_protocol_error(header, payload):
     try:
-        P.decode([P.VERSION, msgpack.packb(header), *payload])
+        P.decode([P.VERSION + msgpack.packb(header), *payload])
     except ProtocolError:
         pass
 
@@ -193,6 +220,15 @@ def test_error_message_round_trip_and_salvaged_fields():
 
 
 @pytest.mark.timeout(30)
+def test_salvage_rid_reads_a_refused_messages_header_or_gives_zeros():
+    rid = P.new_rid()
+    assert P.salvage_rid([P.VERSION + msgpack.packb(_hdr(rid=rid)), bytes(9)]) == rid  # frame too short, rid fine
+    for frames in ([], [b"ESP1", msgpack.packb(_hdr(rid=rid)), bytes(16)], [P.VERSION + b"\xc1"],
+                   [P.VERSION + msgpack.packb(_hdr(rid=b"x"))], [P.VERSION + b"\x00" * (P.HEADER_MAX_BYTES + 1)]):
+        assert P.salvage_rid(frames) == bytes(P.RID_BYTES)
+
+
+@pytest.mark.timeout(30)
 def test_blobs_are_bounded():
     assert P.unpack_blob(P.pack_blob([{"a": 1}])) == [{"a": 1}]
     with pytest.raises(ProtocolError):
@@ -228,7 +264,7 @@ def test_batched_acks_round_trip_in_order(n):
     assert len(messages) == -(-n // P.MAX_ACKS)
     got = []
     for frames in messages:
-        assert len(frames[1]) <= P.HEADER_MAX_BYTES
+        assert len(frames) == 1 and len(frames[0]) <= len(P.VERSION) + P.HEADER_MAX_BYTES
         msg = P.decode(frames)
         assert msg.type == Msg.ACK and (msg.rid, msg.get("hop")) == pairs[len(got)]  # first pair: a plain ACK's keys
         got += msg.acked()
@@ -239,7 +275,7 @@ def test_batched_acks_round_trip_in_order(n):
 def test_plain_ack_is_a_batch_of_one_and_other_types_ack_nothing():
     rid = P.new_rid()
     assert P.decode(P.encode(Msg.ACK, rid, 0, {"hop": 3})).acked() == [(rid, 3)]
-    assert P.encode_acks([(rid, 3)])[0][1] == P.encode(Msg.ACK, rid, 0, {"hop": 3})[1]  # same bytes on the wire
+    assert P.encode_acks([(rid, 3)])[0] == P.encode(Msg.ACK, rid, 0, {"hop": 3})  # same bytes on the wire
     assert P.encode_acks([]) == []
     assert P.decode(P.encode_error(rid, Err.BAD_INPUT, "x", hop=3)).acked() == []
 
@@ -280,7 +316,7 @@ def test_malformed_batched_acks_raise_protocol_error(case):
     h = BAD_ACKS[case]
     payload = [bytes(16)] if h.get("ten") else []
     with pytest.raises(ProtocolError):
-        P.decode([P.VERSION, msgpack.packb(h), *payload])
+        P.decode([P.VERSION + msgpack.packb(h), *payload])
 
 
 @settings(max_examples=200, deadline=None)
@@ -288,11 +324,11 @@ def test_malformed_batched_acks_raise_protocol_error(case):
 @pytest.mark.timeout(60)
 def test_mutated_batched_acks_only_raise_protocol_error(data):
     frames = P.encode_acks([(P.new_rid(), i % 5) for i in range(data.draw(st.integers(1, 20)))])[0]
-    raw = bytearray(frames[1])
+    raw = bytearray(frames[0])
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     try:
-        msg = P.decode([frames[0], bytes(raw[: data.draw(st.integers(0, len(raw)))])])
+        msg = P.decode([bytes(raw[: data.draw(st.integers(0, len(raw)))])])
     except ProtocolError:
         return
     for rid, hop in msg.acked():  # whatever got through is well-formed
@@ -302,7 +338,7 @@ def test_mutated_batched_acks_only_raise_protocol_error(data):
 @pytest.mark.timeout(30)
 def test_remembered_names_do_not_skip_checks():
     ok = _hdr(mdl="model-a", rep="tcp://h:1")
-    P.decode([P.VERSION, msgpack.packb(ok), bytes(16)])  # now remembered
+    P.decode([P.VERSION + msgpack.packb(ok), bytes(16)])  # now remembered
     for bad in (_hdr(mdl="model-a/.."), _hdr(rep="tcp://h:1/x"), _hdr(mdl=["model-a"]), _hdr(rep=b"tcp://h:1")):
         with pytest.raises(ProtocolError):
-            P.decode([P.VERSION, msgpack.packb(bad), bytes(16)])
+            P.decode([P.VERSION + msgpack.packb(bad), bytes(16)])

@@ -170,18 +170,20 @@ def test_garbage_is_refused_and_the_worker_still_serves(cluster, client):
     cases = {
         "random bytes": [os.urandom(100)],
         "random frames": [os.urandom(7), os.urandom(3000), os.urandom(5)],
-        "wrong version": [b"XXX9", msgpack.packb(run_header()), bytes(16)],
-        "truncated header": [P.VERSION, msgpack.packb(run_header())[:-7], bytes(16)],
-        "truncated frame": [P.VERSION, msgpack.packb(run_header(rid=rid)), bytes(9)],
-        "missing frame": [P.VERSION, msgpack.packb(run_header())],
-        "huge declared size": [P.VERSION, msgpack.packb(run_header(ten=[[1, [1 << 20, 1 << 20], 1 << 42]])), bytes(16)],
-        "shape x itemsize mismatch": [P.VERSION, msgpack.packb(run_header(ten=[[1, [1, 4], 17]])), bytes(17)],
-        "bad dtype code": [P.VERSION, msgpack.packb(run_header(ten=[[99, [1, 4], 16]])), bytes(16)],
-        "unknown header key": [P.VERSION, msgpack.packb(run_header(evil=1)), bytes(16)],
-        "ext type": [P.VERSION, msgpack.packb(run_header(mdl=msgpack.ExtType(5, b"x"))), bytes(16)],
-        "not a map": [P.VERSION, msgpack.packb([1, 2, 3]), bytes(16)],
-        "wrong message type": [P.VERSION, msgpack.packb({"t": int(Msg.PLAN), "rid": bytes(16), "bud": 0})],
-        "unhosted stage": [P.VERSION, msgpack.packb(run_header(hop=2)), bytes(16)],
+        "wrong version": [b"XXX9" + msgpack.packb(run_header()), bytes(16)],
+        "ESP1 peer": [b"ESP1", msgpack.packb(run_header()), bytes(16)],
+        "truncated header": [P.VERSION + msgpack.packb(run_header())[:-7], bytes(16)],
+        "truncated frame": [P.VERSION + msgpack.packb(run_header(rid=rid)), bytes(9)],
+        "missing frame": [P.VERSION + msgpack.packb(run_header())],
+        "huge declared size": [P.VERSION + msgpack.packb(run_header(ten=[[1, [1 << 20, 1 << 20], 1 << 42]])),
+                               bytes(16)],
+        "shape x itemsize mismatch": [P.VERSION + msgpack.packb(run_header(ten=[[1, [1, 4], 17]])), bytes(17)],
+        "bad dtype code": [P.VERSION + msgpack.packb(run_header(ten=[[99, [1, 4], 16]])), bytes(16)],
+        "unknown header key": [P.VERSION + msgpack.packb(run_header(evil=1)), bytes(16)],
+        "ext type": [P.VERSION + msgpack.packb(run_header(mdl=msgpack.ExtType(5, b"x"))), bytes(16)],
+        "not a map": [P.VERSION + msgpack.packb([1, 2, 3]), bytes(16)],
+        "wrong message type": [P.VERSION + msgpack.packb({"t": int(Msg.PLAN), "rid": bytes(16), "bud": 0})],
+        "unhosted stage": [P.VERSION + msgpack.packb(run_header(hop=2)), bytes(16)],
     }
     for what, frames in cases.items():
         reply = _probe(d, frames)
@@ -192,14 +194,14 @@ def test_garbage_is_refused_and_the_worker_still_serves(cluster, client):
             assert reply.rid == rid  # the sender can match the refusal to its request
     # wrong shape but a well-formed message: accepted on the link (ACK), refused by the stage (ERROR to rep)
     h = run_header(ten=[[1, [1, 5], 20]])
-    reply = _probe(d, [P.VERSION, msgpack.packb(h), bytes(20)])
+    reply = _probe(d, [P.VERSION + msgpack.packb(h), bytes(20)])
     assert reply is not None and reply.type == Msg.ACK
     assert reply_sock.poll(3000)
     err = P.decode(reply_sock.recv_multipart()[1:])
     assert err.type == Msg.ERROR and err.get("err")[0] == Err.BAD_INPUT and err.rid == h["rid"]
     # a frame above the worker's 4 MiB cap: libzmq drops the connection, nothing is allocated for it
     big = dealer()
-    big.send_multipart([P.VERSION, msgpack.packb(run_header(ten=[[5, [5 << 20], 5 << 20]])), bytes(5 << 20)])
+    big.send_multipart([P.VERSION + msgpack.packb(run_header(ten=[[5, [5 << 20], 5 << 20]])), bytes(5 << 20)])
     assert not big.poll(1500), "an oversized frame must be dropped, not answered"
     big.close(0)
     # bytes that are not ZMTP at all, on a raw TCP socket
@@ -220,6 +222,41 @@ def test_garbage_is_refused_and_the_worker_still_serves(cluster, client):
     d2.close(0)
     ctx2.term()
     assert {w.name: w for w in client.workers()}["w3"].state.value == "live"
+
+
+@pytest.mark.timeout(60)
+def test_a_lying_requester_cannot_stop_a_worker(cluster, client):
+    """A RUN naming a result endpoint libzmq cannot connect to, or carrying a trace that the worker's own
+    record would push over the header cap: each request fails, the worker goes on serving."""
+    route = client.deploy("dummy3", n_stages=3, workers=["w3", "w1", "w2"])
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(route.hops[0].endpoint)
+    reply_sock = ctx.socket(zmq.ROUTER)
+    rep = f"tcp://127.0.0.1:{reply_sock.bind_to_random_port('tcp://127.0.0.1')}"
+    for bad_rep in ("tcp://*:5", "tcp://-:5", "ipc://" + "x" * 200):  # pass the decoder, refused by connect()
+        for shape in ([1, 4], [1, 5]):  # a valid input (its output goes on) and a wrong one (BAD_INPUT to rep)
+            d.send_multipart(P.encode(Msg.RUN, P.new_rid(), 5000, {"mdl": "dummy3", "hop": 0, "rep": bad_rep,
+                                                                    "pln": route.plan}, [torch.zeros(*shape)]))
+    rid = P.new_rid()
+    fields = {"mdl": "dummy3", "hop": 0, "rep": rep, "pln": route.plan, "ten": [[1, [1, 4], 16]]}
+    trc = [P.trace_record(0, "x" * 240, 1.0, 2.0, 3.0, 4.0, 5)] * 55
+    header = {"t": int(Msg.RUN), "rid": rid, "bud": 5000, **fields, "trc": trc}
+    while len(msgpack.packb(header)) < P.HEADER_MAX_BYTES - 24:  # just under the cap: decodes, cannot grow
+        trc = [*trc[:-1], P.trace_record(0, trc[-1][1] + "y" * 4, 1.0, 2.0, 3.0, 4.0, 5)]
+        header["trc"] = trc
+    del fields["ten"]
+    d.send_multipart(P.encode(Msg.RUN, rid, 5000, {"mdl": "dummy3", "hop": 0, "rep": rep, "pln": route.plan,
+                                                   "trc": trc}, [torch.zeros(1, 4)]))
+    assert reply_sock.poll(5000), "the request with the overflowing trace must end in an error"
+    err = P.decode(reply_sock.recv_multipart()[1:])
+    assert err.rid == rid and err.type == Msg.ERROR and err.get("err")[0] == Err.BAD_MESSAGE
+    d.close(0)
+    reply_sock.close(0)
+    ctx.term()
+    _assert_alive(cluster)
+    assert torch.equal(client.infer("dummy3", torch.ones(1, 4)), torch.full((1, 4), 4.0))
 
 
 @pytest.mark.timeout(120)

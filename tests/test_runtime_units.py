@@ -17,7 +17,7 @@ from edgesplit.runtime.errors import ConfigError, DeployError, ProtocolError
 from edgesplit.runtime.links import LinkSpec, check_link, create_link_codec, decode_link, encode_link, link_budget
 from edgesplit.runtime.liveness import Backoff, PeerTable
 from edgesplit.runtime.plan import PlannedStage, balanced_splits, check_plan
-from edgesplit.runtime.transport import PeerLinks, SocketOptions, router
+from edgesplit.runtime.transport import PeerLinks, SocketOptions, recv, router, send
 from edgesplit.runtime.types import Route, RouteHop, StageInfo, WorkerInfo
 from edgesplit.runtime.worker import WorkerConfig
 
@@ -255,7 +255,7 @@ def test_a_peer_that_does_not_read_causes_back_pressure_not_memory_growth():
     ctx = zmq.Context()
     sock, endpoint = router(ctx, "tcp://127.0.0.1:*")  # bound, never read
     links = PeerLinks(ctx, b"sender", SocketOptions(hwm_msgs=4), max_outbox_msgs=4)
-    frame = [P.VERSION, b"h", bytes(1 << 20)]  # 1 MiB messages
+    frame = [P.VERSION + b"h", bytes(1 << 20)]  # 1 MiB messages
     accepted = 0
     for _ in range(400):
         if not links.send(endpoint, frame):
@@ -266,4 +266,38 @@ def test_a_peer_that_does_not_read_causes_back_pressure_not_memory_growth():
     assert accepted < 100, f"{accepted} MiB accepted by a peer that never reads"
     links.close_all()
     sock.close(0)
+    ctx.term()
+
+
+@pytest.mark.timeout(30)
+def test_send_and_recv_keep_frames_routes_and_message_boundaries():
+    ctx = zmq.Context()
+    rtr, endpoint = router(ctx, "tcp://127.0.0.1:*")
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.IDENTITY, b"peer")
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(endpoint)
+    x = torch.arange(1 << 16, dtype=torch.float32)  # 256 KiB: above the zero-copy threshold
+    frames = P.encode(P.Msg.RUN, P.new_rid(), 100, {"mdl": "m", "hop": 0, "rep": endpoint}, [x, b"abc"])
+    assert send(d, frames, block=True)
+    with pytest.raises(TypeError):  # refused before any frame goes, so the next message is not corrupted
+        send(d, [frames[0], object()], block=True)
+    assert send(d, P.encode(P.Msg.HEARTBEAT, P.new_rid(), 0), block=True)
+    assert rtr.poll(5000)
+    route, got = recv(rtr, 1)
+    assert route == [b"peer"] and len(got) == 3 and all(isinstance(f, zmq.Frame) for f in got)
+    msg = P.decode(got)
+    assert torch.equal(msg.tensor(0), x) and bytes(msg.blob(1)) == b"abc"
+    assert rtr.poll(5000)
+    route, got = recv(rtr, 1)
+    assert P.decode(got).type == P.Msg.HEARTBEAT
+    assert send(rtr, P.encode_acks([(msg.rid, 0)])[0], route=route)
+    assert send(rtr, P.encode_acks([(msg.rid, 0)])[0], route=[b"nobody"])  # unroutable: dropped, counts as done
+    assert d.poll(5000)
+    _, reply = recv(d)
+    assert P.decode(reply).acked() == [(msg.rid, 0)]
+    with pytest.raises(zmq.Again):
+        recv(d)
+    d.close(0)
+    rtr.close(0)
     ctx.term()

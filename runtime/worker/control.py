@@ -55,7 +55,8 @@ class ControlLoop:
 
     def heartbeat_body(self) -> dict[str, Any]:
         w = self.w
-        rates = {f"link_rate_bps {ep}": m.rate for ep, m in list(w.rates.items()) if m.rate is not None}
+        nexts = {ep for s in w.stages.values() for ep in s.info.next}  # links of stages gone are not reported
+        rates = {f"link_rate_bps {ep}": m.rate for ep, m in list(w.rates.items()) if m.rate is not None and ep in nexts}
         return {"stages": [s.info.to_msg() for s in w.stages.values()],
                 "telemetry": {**w.telemetry.sample(), **rates},
                 "stats": w.stats.report(), "cache": w.cache.report(),

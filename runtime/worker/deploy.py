@@ -89,6 +89,9 @@ class Deployer:
         needed = list(dict.fromkeys([b.id for s in stages for b in manifest.blocks[s.start:s.end]]
                                     + [c for pair in links for c in (codec_block(l, manifest) for l in pair) if c]))
         missing = [bid for bid in needed if bid not in w.cache and not w.store.has(bid)]
+        for rid, d in list(self.active.items()):  # an older order for this model must not install after this one
+            if d.manifest.name == model:
+                self.fail(sock, rid, Err.DEPLOY_FAILED, f"deploy of {model} plan {d.plan} superseded by plan {plan}")
         self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing)
         self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
                       [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed))
