@@ -61,7 +61,8 @@ def _check_id(bid: str) -> str:
     return bid
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
@@ -96,7 +97,7 @@ class BlockStore:
         bid = block_id(tensors)
         if not self.has(bid):
             plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-            _atomic_write(self.path(bid), st_save(plain, metadata={"edgesplit_id": bid}))
+            atomic_write(self.path(bid), st_save(plain, metadata={"edgesplit_id": bid}))
         return bid
 
     def read_bytes(self, bid: str) -> bytes:
@@ -133,7 +134,7 @@ class BlockStore:
         """Store a block received as raw file bytes, after checking its hash."""
         self.decode(bid, data)
         if not self.has(bid):
-            _atomic_write(self.path(bid), data)
+            atomic_write(self.path(bid), data)
 
     def block_ids(self) -> list[str]:
         return sorted(p.name[: -len(BLOCK_SUFFIX)] for p in (self.root / "blocks").glob(f"*{BLOCK_SUFFIX}"))
@@ -150,7 +151,7 @@ class BlockStore:
 
     def put_manifest(self, manifest: ModelManifest) -> Path:
         path = self._manifest_path(manifest.name)
-        _atomic_write(path, manifest.to_json().encode())
+        atomic_write(path, manifest.to_json().encode())
         return path
 
     def manifest(self, name: str) -> ModelManifest:

@@ -373,19 +373,7 @@ class Client:
                     except zmq.Again:
                         break
                     self._on_result(route[0], frames)
-            for sock, ev in events.items():
-                ep = self._links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
-                if ep is None:
-                    continue
-                if ev & zmq.POLLIN:
-                    for _ in range(64):
-                        try:
-                            _, frames = recv(sock)
-                        except zmq.Again:
-                            break
-                        self._on_link_reply(ep, frames)
-                if ev & zmq.POLLOUT:
-                    self._links.flush(ep)
+            self._links.serve(events, self._on_link_reply)
             coord = self._link.sock
             while coord is not None and self._ctl_out and send(coord, self._ctl_out[0]):
                 self._ctl_out.popleft()

@@ -20,10 +20,11 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from edgesplit.partitioner.store import atomic_write
 
 from . import protocol as P
 from .errors import DeployError, ProtocolError
@@ -146,17 +147,7 @@ class PlanStore:
 
     def save(self, rec: PlanRecord) -> None:
         """Write ``rec`` so that a crash leaves the old file or the new one, never half of one."""
-        path = self.path(rec.model)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(rec.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(rec.model), rec.to_json().encode())
 
     def remove(self, model: str) -> None:
         self.path(model).unlink(missing_ok=True)

@@ -361,6 +361,23 @@ class PeerLinks:
         link.outbox.clear()
         return out
 
+    def serve(self, events: dict[Any, int], on_reply: Callable[[str, list[Any]], None], batch: int = 64) -> None:
+        """After a poll: hand each link's replies (up to ``batch`` each) to ``on_reply(endpoint, frames)``
+        and push parked messages where the peer has room again."""
+        for sock, ev in events.items():
+            ep = self._by_sock.get(sock) if isinstance(sock, zmq.Socket) else None
+            if ep is None:
+                continue
+            if ev & zmq.POLLIN:
+                for _ in range(batch):
+                    try:
+                        _, frames = recv(sock)
+                    except zmq.Again:
+                        break
+                    on_reply(ep, frames)
+            if ev & zmq.POLLOUT and ep in self._links:
+                self.flush(ep)
+
     def poll_flags(self) -> Iterator[tuple[zmq.Socket, int]]:
         """(socket, flags) to register: always POLLIN (replies), POLLOUT while an outbox waits."""
         for link in self._links.values():

@@ -110,19 +110,7 @@ class DataPlane:
                     except zmq.Again:
                         break
                     self.on_inbound(route, frames)
-            for sock, ev in events.items():
-                ep = self.links.endpoint_of(sock) if isinstance(sock, zmq.Socket) else None
-                if ep is None:
-                    continue
-                if ev & zmq.POLLIN:
-                    for _ in range(64):
-                        try:
-                            _, frames = recv(sock)
-                        except zmq.Again:
-                            break
-                        self.on_link_reply(ep, frames)
-                if ev & zmq.POLLOUT:
-                    self.links.flush(ep)
+            self.links.serve(events, self.on_link_reply)
             self._drain_outputs()
             self._flush_acks()
             while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
