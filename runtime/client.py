@@ -51,7 +51,7 @@ from .errors import Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, U
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
-from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, local_address_towards, recv, router,
+from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, drain, local_address_towards, router,
                         send)
 from .types import Route, RouteHop, WorkerInfo
 
@@ -359,20 +359,9 @@ class Client:
                 self._waker.drain()
             self._drain_commands()
             if coord is not None and coord in events:
-                for _ in range(64):
-                    try:
-                        _, frames = recv(coord)
-                    except zmq.Again:
-                        break
-                    self._link.heard()
-                    self._on_coordinator(frames)
+                drain(coord, self._from_coordinator)
             if self._results in events:
-                for _ in range(256):
-                    try:
-                        route, frames = recv(self._results, 1)
-                    except zmq.Again:
-                        break
-                    self._on_result(route[0], frames)
+                drain(self._results, lambda route, frames: self._on_result(route[0], frames), n_route=1, batch=256)
             self._links.serve(events, self._on_link_reply)
             coord = self._link.sock
             while coord is not None and self._ctl_out and send(coord, self._ctl_out[0]):
@@ -540,6 +529,10 @@ class Client:
         self._enqueue(req)
 
     # --- receiving -----------------------------------------------------------------------------
+    def _from_coordinator(self, _: list[bytes], frames: list[Any]) -> None:
+        self._link.heard()  # any message is life
+        self._on_coordinator(frames)
+
     def _on_coordinator(self, frames: list[Any]) -> None:
         try:
             msg = P.decode(frames, max_frame_bytes=P.BLOB_MAX_BYTES)

@@ -170,6 +170,17 @@ def recv(sock: zmq.Socket, n_route: int = 0) -> tuple[list[bytes], list[Any]]:
     return [f.bytes for f in frames[:n_route]], frames[n_route:]
 
 
+def drain(sock: zmq.Socket, handle: Callable[[list[bytes], list[Any]], None], n_route: int = 0,
+          batch: int = 64) -> None:
+    """Hand up to ``batch`` queued messages to ``handle(routing ids, frames)`` (a loop's turn at one socket)."""
+    for _ in range(batch):
+        try:
+            route, frames = recv(sock, n_route)
+        except zmq.Again:
+            return
+        handle(route, frames)
+
+
 class Waker:
     """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread (a self-pipe)."""
 
@@ -369,12 +380,7 @@ class PeerLinks:
             if ep is None:
                 continue
             if ev & zmq.POLLIN:
-                for _ in range(batch):
-                    try:
-                        _, frames = recv(sock)
-                    except zmq.Again:
-                        break
-                    on_reply(ep, frames)
+                drain(sock, lambda _, frames: on_reply(ep, frames), batch=batch)
             if ev & zmq.POLLOUT and ep in self._links:
                 self.flush(ep)
 

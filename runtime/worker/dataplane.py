@@ -31,7 +31,7 @@ import zmq
 from .. import protocol as P
 from ..errors import ProtocolError
 from ..protocol import Err, Msg
-from ..transport import PeerLinks, recv, send
+from ..transport import PeerLinks, drain, send
 from .compute import Done, Job
 
 if TYPE_CHECKING:
@@ -104,12 +104,7 @@ class DataPlane:
             if w.waker.fileno() in events:
                 w.waker.drain()
             if w.data in events:
-                for _ in range(64):
-                    try:
-                        route, frames = recv(w.data, 1)
-                    except zmq.Again:
-                        break
-                    self.on_inbound(route, frames)
+                drain(w.data, self.on_inbound, n_route=1)
             self.links.serve(events, self.on_link_reply)
             self._drain_outputs()
             self._flush_acks()
