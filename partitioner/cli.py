@@ -140,7 +140,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.verify:
         for b in manifest.blocks:
             if b.id not in missing:
-                store.get(b.id)
+                store.verify(b.id)
         print("all present blocks verified")
     return 1 if missing else 0
 
