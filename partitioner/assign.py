@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import EdgesplitError
 
@@ -56,6 +55,8 @@ def count_mflop(model: nn.Module, input_shape: list[int]) -> float:
     Returns:
         MFLOP per sample.
     """
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton (+76 MiB): partitioning only
+
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
