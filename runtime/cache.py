@@ -1,10 +1,12 @@
 """The worker's block cache: tensors of content-addressed blocks, resident on the stage's device.
 
-Everything a worker loads goes through :meth:`BlockCache.get`, so the PartialLoading
-scheduler can reason about one thing: which block ids are resident, what loading the
-missing ones costs (``load_bytes_per_s`` is measured here), and what gets evicted. Blocks
-of deployed stages are pinned; the rest are evicted least recently used first when the
-byte budget would be exceeded.
+Everything a worker loads goes through :meth:`BlockCache.get`, so one place knows which
+block ids are resident, what loading the missing ones costs (``load_bytes_per_s`` is
+measured here, store read to device memory) and what gets evicted. A block is held once,
+however many stages of however many models use it. Blocks in use by a forward pass (or a
+load in progress) are pinned; the rest are evicted when the byte budget would be
+exceeded: first those the coordinator's hint does not name, least recently used first,
+then the one named farthest in the future (Belady's rule).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import collections
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -30,7 +32,9 @@ class CacheStats:
     misses: int = 0
     bytes_loaded: int = 0
     evictions: int = 0
-    load_s: float = 0.0  # time spent loading missing blocks (read + hash check + device copy)
+    bytes_evicted: int = 0
+    load_s: float = 0.0  # time spent loading missing blocks (store read + integrity check + device copy)
+    resident_max_bytes: int = 0  # the peak of resident bytes (never above the budget)
 
     @property
     def load_bytes_per_s(self) -> float:
@@ -42,20 +46,25 @@ def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class BlockCache:
-    """LRU cache of blocks' tensors under a byte budget, loaded (hash-verified) from a store.
+    """Blocks' tensors under a byte budget, loaded (integrity-checked) from a store.
 
     Args:
         store: where missing blocks are read from (the worker fetches absent ones into it first).
         budget_bytes: most bytes of block tensors kept resident.
         device: where tensors are placed ("cpu", "cuda", "cuda:1").
+        on_evict: called with a block id after it left the cache (under the cache's lock), so
+            modules aliasing its tensors can let go of them.
     """
 
-    def __init__(self, store: BlockStore, budget_bytes: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, store: BlockStore, budget_bytes: int, device: str | torch.device = "cpu",
+                 on_evict: Callable[[str], None] | None = None) -> None:
         self.store, self.budget_bytes, self.device = store, int(budget_bytes), torch.device(device)
+        self.on_evict = on_evict
         self._blocks: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
         self._sizes: dict[str, int] = {}
         self._pins: collections.Counter[str] = collections.Counter()
-        self._lock = threading.RLock()
+        self._next_use: dict[str, int] = {}  # the coordinator's hint: block id -> rank of its next use
+        self.lock = threading.RLock()  # also guards what aliases the tensors (the worker's stage modules)
         self.stats = CacheStats()
 
     @property
@@ -67,7 +76,7 @@ class BlockCache:
 
     def resident(self) -> list[str]:
         """Ids of resident blocks, least recently used first."""
-        with self._lock:
+        with self.lock:
             return list(self._blocks)
 
     def get(self, block_id: str) -> dict[str, torch.Tensor]:
@@ -78,7 +87,7 @@ class BlockCache:
             BlockHashMismatch: the stored file is corrupt.
             DeployError: it cannot fit in the budget even after evicting every unpinned block.
         """
-        with self._lock:
+        with self.lock:
             hit = self._blocks.get(block_id)
             if hit is not None:
                 self._blocks.move_to_end(block_id)
@@ -91,48 +100,65 @@ class BlockCache:
             self._make_room(size, block_id)
             self._blocks[block_id] = tensors
             self._sizes[block_id] = size
+            self.stats.resident_max_bytes = max(self.stats.resident_max_bytes, self.resident_bytes)
             self.stats.bytes_loaded += size
             self.stats.load_s += time.perf_counter() - t0
             return tensors
+
+    def _victims(self) -> list[str]:
+        """Unpinned blocks in eviction order: unhinted (LRU first), then farthest next use first."""
+        free = [b for b in self._blocks if not self._pins[b]]  # LRU order
+        unhinted = [b for b in free if b not in self._next_use]
+        hinted = sorted((b for b in free if b in self._next_use), key=lambda b: -self._next_use[b])
+        return unhinted + hinted
 
     def _make_room(self, size: int, block_id: str) -> None:
         if size > self.budget_bytes:
             raise DeployError(f"block {block_id[:12]} needs {human_size(size)}, the worker's memory budget is "
                               f"{human_size(self.budget_bytes)}; raise --memory-budget or cut the model finer")
-        for victim in list(self._blocks):
+        for victim in self._victims():
             if self.resident_bytes + size <= self.budget_bytes:
                 return
-            if self._pins[victim] == 0:
-                self.evict(victim)
+            self.evict(victim)
         if self.resident_bytes + size > self.budget_bytes:
             raise DeployError(f"cannot load block {block_id[:12]} ({human_size(size)}): "
                               f"{human_size(self.resident_bytes)} of the {human_size(self.budget_bytes)} budget "
-                              "is held by deployed stages; undeploy a model or raise --memory-budget")
+                              "is held by stages computing now; try again, or raise --memory-budget")
 
     def evict(self, block_id: str) -> bool:
         """Drop a resident, unpinned block; False if absent or pinned."""
-        with self._lock:
+        with self.lock:
             if block_id not in self._blocks or self._pins[block_id]:
                 return False
             del self._blocks[block_id]
-            del self._sizes[block_id]
+            self.stats.bytes_evicted += self._sizes.pop(block_id)
             self.stats.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(block_id)
             return True
 
     def pin(self, block_ids: Iterable[str]) -> None:
-        """Keep these blocks resident until unpinned (a deployed stage uses them)."""
-        with self._lock:
+        """Keep these blocks resident (once loaded) until unpinned: a forward pass or a load uses them."""
+        with self.lock:
             for b in block_ids:
                 self._pins[b] += 1
 
     def unpin(self, block_ids: Iterable[str]) -> None:
-        with self._lock:
+        with self.lock:
             for b in block_ids:
-                if self._pins[b] > 0:
+                if self._pins[b] > 1:
                     self._pins[b] -= 1
+                else:
+                    self._pins.pop(b, None)
+
+    def hint(self, next_use: Mapping[str, int]) -> None:
+        """The coordinator's view of the future: block id -> rank of its next use (lower = sooner)."""
+        with self.lock:
+            self._next_use = dict(next_use)
 
     def report(self) -> dict[str, float | int]:
         """Counters and occupancy for telemetry."""
-        with self._lock:
+        with self.lock:
             return {**asdict(self.stats), "resident_bytes": self.resident_bytes, "budget_bytes": self.budget_bytes,
-                    "resident_blocks": len(self._blocks), "load_bytes_per_s": self.stats.load_bytes_per_s}
+                    "resident_blocks": len(self._blocks), "pinned_blocks": len(self._pins),
+                    "load_bytes_per_s": self.stats.load_bytes_per_s}

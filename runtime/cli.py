@@ -210,6 +210,17 @@ def _run_workers(args: argparse.Namespace) -> int:
         tel = w.telemetry
         print(f"{w.name:<12}{w.endpoint:<26}{w.device:<8}{w.state.value:<10}{tel.get('cpu_percent', 0):>6.0f}"
               f"{human_size(tel.get('proc_rss_bytes', 0)):>11}{w.last_seen_s:>8.1f}  {stages}")
+    print(f"\n{'worker':<12}{'resident':>11}{'budget':>11}{'load rate':>12}{'evicted':>11}{'batch avg/max':>14}  "
+          "stages: compute p50 ms (* = resident)")
+    for w in workers:
+        c, resident, stats = w.cache, {(m, h) for m, h in w.resident}, w.stage_stats()
+        stages = ", ".join(f"{s.model}/{s.hop}{'*' if (s.model, s.hop) in resident else ''} "
+                           f"{stats.get((s.model, s.hop), {}).get('compute_ms_p50', 0):.1f}" for s in w.stages) or "-"
+        rate = c.get("load_bytes_per_s", 0)
+        print(f"{w.name:<12}{human_size(c.get('resident_bytes', 0)):>11}{human_size(c.get('budget_bytes', 0)):>11}"
+              f"{(human_size(rate) + '/s') if rate else '-':>12}{human_size(c.get('bytes_evicted', 0)):>11}"
+              f"{w.telemetry.get('count_computed', 0) / max(1, w.telemetry.get('count_batches', 0)):>9.1f}/"
+              f"{int(w.telemetry.get('count_batch_max', 0)):<4}  {stages}")
     links = [(w.name, k.split(" ", 1)[1], v) for w in workers for k, v in w.telemetry.items()
              if k.startswith("link_rate_bps ")]
     if links:

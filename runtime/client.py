@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -209,7 +210,7 @@ class Client:
     def deploy(self, model: str, workers: Sequence[str] | None = None, n_stages: int | None = None,
                splits: Sequence[int] | None = None, stages: Sequence[tuple[str, int, int]] | None = None,
                links: Sequence[dict[str, Any] | None] | None = None, timeout_ms: int | None = None,
-               replicas: int = 1) -> Route:
+               replicas: int = 1, load: bool = True) -> Route:
         """Deploy a layer-wise plan and wait until every worker has loaded its stages.
 
         Args:
@@ -223,8 +224,14 @@ class Client:
                 ``edgesplit.compression`` (e.g. "identity" with wire_dtype "fp16").
             timeout_ms: deadline (default ``cfg.deploy_timeout_ms``).
             replicas: workers per stage; a request whose worker is lost is replayed on a replica.
+            load: load the stages into the workers' memory now (False: register them only; the
+                first request or a :meth:`prefetch` loads them).
         Returns:
-            The model's new route.
+            The model's new route; ``route.loaded`` says per worker what the deploy fetched, loaded
+            and freed (bytes) and how long it took.
+        Raises:
+            DeployError: e.g. the stages on some worker exceed its memory budget (refused before
+                anything is fetched; the message gives the bytes needed and the budget).
         """
         body: dict[str, Any] = {"model": model}
         if replicas != 1:
@@ -240,11 +247,41 @@ class Client:
                 body["splits"] = [int(s) for s in splits]
         if links is not None:
             body["links"] = list(links)
+        if not load:
+            body["load"] = False
         msg = self._call(Msg.PLAN, {"body": body}, timeout_ms=timeout_ms or self.cfg.deploy_timeout_ms,
                          what=f"deploy of {model}")
-        route = Route.from_msg(P.body_get(msg.body, "route", dict))
+        route = dataclasses.replace(Route.from_msg(P.body_get(msg.body, "route", dict)),
+                                    loaded=_per_worker(msg.body.get("loaded")))
         self.routes[model] = route
         return route
+
+    def undeploy(self, model: str, timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
+        """Release a model everywhere: its plan is forgotten and every worker frees its blocks.
+
+        Returns:
+            Per worker, ``freed_bytes`` and ``resident_bytes`` after (blocks that another hosted
+            model shares stay resident).
+        """
+        msg = self._call(Msg.UNDEPLOY, {"body": {"model": model}},
+                         timeout_ms=timeout_ms or self.cfg.deploy_timeout_ms, what=f"undeploy of {model}")
+        self.routes.pop(model, None)
+        return _per_worker(msg.body.get("loaded"))
+
+    def prefetch(self, model: str, hint: Sequence[str] = (), timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
+        """Make a deployed model resident on its workers now, loading only the blocks they lack.
+
+        Args:
+            model: a deployed model.
+            hint: the models expected next, soonest first: blocks of models not named (then
+                those named last) are evicted first when room is needed.
+        Returns:
+            Per worker: ``loaded_bytes``, ``load_ms`` (reading and placing them), ``ms`` (the whole
+            order on the worker) and ``resident_bytes`` after.
+        """
+        msg = self._call(Msg.PREFETCH, {"body": {"model": model, "hint": list(hint)}},
+                         timeout_ms=timeout_ms or self.cfg.deploy_timeout_ms, what=f"prefetch of {model}")
+        return _per_worker(msg.body.get("loaded"))
 
     def set_link(self, model: str, cut: int, **changes: Any) -> dict[str, Any]:
         """Change the settings of a deployed link live: no redeploy, the next request uses them.
@@ -701,3 +738,10 @@ def _fail(fut: concurrent.futures.Future, exc: BaseException) -> None:
 def connect(coordinator: str = "tcp://127.0.0.1:5555", **overrides: Any) -> Client:
     """A client of the cluster whose coordinator is at ``coordinator`` (any ``ClientConfig`` field as keyword)."""
     return Client(ClientConfig(coordinator=coordinator), **overrides)
+
+
+def _per_worker(v: Any) -> dict[str, dict[str, Any]]:
+    """A reply's ``{worker: {figure: value}}`` map, keeping only well-formed entries."""
+    if not isinstance(v, dict):
+        return {}
+    return {str(k): {str(a): b for a, b in r.items()} for k, r in v.items() if isinstance(r, dict)}

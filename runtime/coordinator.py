@@ -38,15 +38,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 import zmq
 
 from edgesplit.partitioner import BlockStore, EdgesplitError, ModelManifest
 
 from . import protocol as P
-from .config import opt
-from .errors import DeployError, ProtocolError, RuntimeFailure, UnknownModel
+from .config import human_size, opt
+from .errors import DeployError, NotDeployed, ProtocolError, RuntimeFailure, UnknownModel
 from .links import LinkSpec
 from .liveness import PeerTable
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
@@ -86,6 +86,7 @@ class _WorkerRec:
     ident: bytes
     stats: list[list[Any]] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
+    resident: list[list[Any]] = field(default_factory=list)  # [[model, hop], ...] whose blocks are all loaded
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -117,6 +118,17 @@ class _LinkOrder:
     link: dict[str, Any] | None = None
 
 
+@dataclass
+class _PrefetchOrder:
+    """A client's PREFETCH sent to every worker hosting a stage of the model."""
+
+    client: bytes
+    model: str
+    waiting: set[str]
+    deadline: float
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class Coordinator:
     """The coordinator daemon; ``run()`` blocks, ``start()`` runs it in a thread, ``stop()`` ends it."""
 
@@ -133,6 +145,7 @@ class Coordinator:
         self.clients = PeerTable[bytes](cfg.heartbeat_ms, cfg.liveness * 4)
         self.plans: dict[bytes, _PendingPlan] = {}  # DEPLOY rid -> orders out
         self.link_orders: dict[bytes, _LinkOrder] = {}
+        self.prefetches: dict[bytes, _PrefetchOrder] = {}
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
         self.route_waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # model -> [(client, rid, deadline)]
         self.seen: set[str] = set()  # workers registered since this coordinator started
@@ -211,6 +224,11 @@ class Coordinator:
                 del self.link_orders[rid]
                 self._reply(order.client, P.encode_error(rid, Err.TIMEOUT, f"worker(s) {sorted(order.waiting)} did "
                                                                           "not confirm the link change in time"))
+        for rid, pre in list(self.prefetches.items()):
+            if now > pre.deadline:
+                del self.prefetches[rid]
+                self._reply(pre.client, P.encode_error(rid, Err.TIMEOUT, f"worker(s) {sorted(pre.waiting)} did not "
+                                                                        f"finish loading {pre.model} in time"))
         for rid, plan in list(self.plans.items()):
             if now > plan.deadline:
                 self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
@@ -319,6 +337,7 @@ class Coordinator:
         rec.info.telemetry = {k: v for k, v in tel.items() if isinstance(k, str) and P.is_finite_number(v)}
         rec.stats = P.body_get(body, "stats", list, [])
         rec.cache = P.body_get(body, "cache", dict, {})
+        rec.resident = [r for r in P.body_get(body, "resident", list, []) if isinstance(r, list) and len(r) == 2]
 
     def _on_deployed(self, ident: bytes, msg: P.Message) -> None:
         rec = self._known_worker(ident, msg)
@@ -332,7 +351,8 @@ class Coordinator:
             return
         name = rec.info.name
         plan.waiting.discard(name)
-        plan.loaded[name] = {"load_ms": msg.body.get("load_ms"), "fetched_bytes": msg.body.get("fetched_bytes")}
+        plan.loaded[name] = {k: msg.body.get(k) for k in ("load_ms", "fetched_bytes", "loaded_bytes", "freed_bytes",
+                                                           "resident_bytes")}
         self._retry.pop((plan.model, name), None)
         if stages:
             self._notify_alive(rec, stages)
@@ -343,7 +363,7 @@ class Coordinator:
         rec = self._known_worker(ident, msg)
         if rec is None:
             return
-        order = self.link_orders.pop(msg.rid, None)
+        order = self.link_orders.pop(msg.rid, None) or self.prefetches.pop(msg.rid, None)
         if order is not None:
             self._reply(order.client, P.encode(Msg.ERROR, msg.rid, 0, {"err": msg.get("err")}))
         if msg.rid in self.plans:
@@ -469,7 +489,7 @@ class Coordinator:
             rec.info.last_seen_s = now - rec.last_seen
             rec.info.state = WorkerState.DEPLOYING if any(rec.info.name in p.waiting for p in self.plans.values()) \
                 else WorkerState.LIVE
-            rec.info.stats, rec.info.cache = rec.stats, rec.cache
+            rec.info.stats, rec.info.cache, rec.info.resident = rec.stats, rec.cache, rec.resident
             out.append(rec.info.to_msg())
         self._reply(ident, P.encode(Msg.WORKERS, msg.rid, 0, {}, [P.pack_blob(out)]))
 
@@ -510,12 +530,14 @@ class Coordinator:
         unknown = sorted({w for h in hops for w in h.workers} - set(self.workers))
         if unknown:
             raise DeployError(f"plan for {model} names workers {unknown} that are not registered; live workers: {live}")
+        self._check_budgets(manifest, hops)
         links_raw = P.body_get(body, "links", list, [None] * (len(hops) - 1))
         if len(links_raw) != len(hops) - 1:
             raise DeployError(f"plan for {model} has {len(hops)} stages, so {len(hops) - 1} cuts, but "
                               f"{len(links_raw)} link specs; give one per cut")
         links = tuple(LinkSpec.from_msg(v) for v in links_raw)
         named = {w for h in hops for w in h.workers}
+        load = P.body_get(body, "load", bool, True)
         record = PlanRecord(model, self._take_plan_id(), manifest.n_blocks, tuple(hops), links,
                             {w: self.workers[w].info.endpoint for w in named},
                             replicas or max(len(h.workers) for h in hops))
@@ -527,7 +549,7 @@ class Coordinator:
                                                                                     for s in r.info.stages))
         pending = _PendingPlan(model, record.plan, set(), self._deploy_deadline(), client=ident, rid=msg.rid,
                                commit=record)
-        self._send_deploys(msg.rid, manifest, record, record.workers + extra, pending)
+        self._send_deploys(msg.rid, manifest, record, record.workers + extra, pending, load)
         log.info("plan %d of %s: %s", record.plan, model, _describe(record.hops))
 
     def _on_link(self, ident: bytes, msg: P.Message) -> None:
@@ -573,6 +595,69 @@ class Coordinator:
                 return
             self._keep(rec.changed(links=tuple(links)))  # a worker that returns gets the link as it is now
 
+    def _check_budgets(self, manifest: ModelManifest, hops: Sequence[PlannedHop]) -> None:
+        """Refuse a plan whose stages on some worker exceed its memory budget, before anything is sent."""
+        need: dict[str, int] = collections.Counter()
+        for h in hops:
+            for w in h.workers:
+                need[w] += sum(b.size_bytes for b in manifest.blocks[h.start:h.end])
+        for w, nbytes in sorted(need.items()):
+            budget = self.workers[w].info.memory_budget_bytes if w in self.workers else 0
+            if 0 < budget < nbytes:
+                raise DeployError(f"plan for {manifest.name} does not fit worker {w}: its stages need "
+                                  f"{human_size(nbytes)} ({nbytes} B), its memory budget is {human_size(budget)} "
+                                  f"({budget} B); use more stages or workers, or raise that worker's --memory-budget")
+
+    def _on_undeploy(self, ident: bytes, msg: P.Message) -> None:
+        """Release a model: forget its plan and tell every worker hosting it to drop its stages."""
+        self.clients.refresh(ident)
+        model = P.check_model_name(P.body_get(msg.body, "model", str))
+        self.records.pop(model, None)
+        self.plan_store.remove(model)
+        for rid, pending in list(self.plans.items()):  # a deploy or repair in progress ends here
+            if pending.model == model:
+                self._fail_plan(rid, Err.DEPLOY_FAILED, f"{model} was undeployed meanwhile")
+        targets = sorted(w for w, r in self.workers.items() if any(s.model == model for s in r.info.stages))
+        if not targets:
+            self._reply(ident, P.encode(Msg.UNDEPLOY, msg.rid, 0, {"body": {"loaded": {}}}))
+            return
+        plan = self._take_plan_id()
+        self.plans[msg.rid] = _PendingPlan(model, plan, set(targets), self._deploy_deadline(), client=ident,
+                                           rid=msg.rid, kind="undeploy")
+        log.info("undeploy %s from %s", model, targets)
+        frames = P.encode(Msg.DEPLOY, msg.rid, self.cfg.deploy_timeout_ms, {"body": {
+            "model": model, "plan": plan, "stages": [], "links_in": [], "links_out": []}},
+            [self._manifest(model).to_json().encode()])
+        for name in targets:
+            if not send(self.sock, frames, route=[self.workers[name].ident]):
+                self._fail_plan(msg.rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
+                return
+
+    def _on_prefetch(self, ident: bytes, msg: P.Message) -> None:
+        """A client's PREFETCH goes to every worker hosting the model; a worker's reply is collected here."""
+        worker = self.workers.get(_worker_name(ident))
+        if worker is not None and worker.ident == ident:
+            order = self.prefetches.get(msg.rid)
+            if order is None or worker.info.name not in order.waiting:
+                return
+            order.waiting.discard(worker.info.name)
+            order.replies[worker.info.name] = dict(msg.body)
+            if not order.waiting:
+                del self.prefetches[msg.rid]
+                self._reply(order.client, P.encode(Msg.PREFETCH, msg.rid, 0, {"body": {"loaded": order.replies}}))
+            return
+        self.clients.refresh(ident)
+        model = P.check_model_name(P.body_get(msg.body, "model", str))
+        hint = [m for m in P.body_get(msg.body, "hint", list, []) if isinstance(m, str)][:P.MAX_HINT_MODELS]
+        targets = sorted(w for w, r in self.workers.items() if any(s.model == model for s in r.info.stages))
+        if not targets:
+            raise NotDeployed(f"model {model} is registered on no live worker; deploy it first")
+        frames = P.encode(Msg.PREFETCH, msg.rid, msg.budget_ms, {"body": {"model": model, "hint": hint}})
+        for name in targets:
+            if not send(self.sock, frames, route=[self.workers[name].ident]):
+                raise DeployError(f"worker {name}'s control queue is full; try again")
+        self.prefetches[msg.rid] = _PrefetchOrder(ident, model, set(targets), time.monotonic() + msg.budget_ms / 1000.0)
+
     def _manifest(self, model: str) -> ModelManifest:
         """``model``'s manifest (re-read when its file changes)."""
         try:
@@ -604,14 +689,14 @@ class Coordinator:
         return any(p.model == model for p in self.plans.values())
 
     def _send_deploys(self, rid: bytes, manifest: ModelManifest, record: PlanRecord, targets: list[str],
-                      pending: _PendingPlan) -> None:
+                      pending: _PendingPlan, load: bool = True) -> None:
         """DEPLOY ``record``'s stages to each of ``targets`` under ``rid`` (an empty list to workers it does not name)."""
         pending.waiting = set(targets)
         self.plans[rid] = pending
         manifest_json = manifest.to_json().encode()
         for name in targets:
-            frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms, {"body": record.deploy_body(name)},
-                              [manifest_json])
+            frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms,
+                              {"body": {**record.deploy_body(name), "load": load}}, [manifest_json])
             if not send(self.sock, frames, route=[self.workers[name].ident]):
                 self._fail_plan(rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
                 return
@@ -621,7 +706,7 @@ class Coordinator:
         plan = self.plans.pop(rid)
         if plan.commit is not None:
             try:
-                route = route_of_plan(self._manifest(plan.model), plan.commit, self._live_view(sizes=False))
+                route = route_of_plan(self._manifest(plan.model), plan.commit, self._live_view())
             except RuntimeFailure as e:  # e.g. a worker reported other stages than it was given
                 log.warning("plan %d of %s loaded but does not route: %s", plan.plan, plan.model, e)
                 if plan.client is not None:
@@ -637,6 +722,8 @@ class Coordinator:
                                                                                     "loaded": plan.loaded}}))
         else:
             log.info("plan %d of %s: %s done on %s", plan.plan, plan.model, plan.kind, sorted(plan.loaded))
+            if plan.client is not None:  # an undeploy
+                self._reply(plan.client, P.encode(Msg.UNDEPLOY, plan.rid, 0, {"body": {"loaded": plan.loaded}}))
         self._answer_route_waiters(plan.model, time.monotonic())
 
     def _fail_plan(self, rid: bytes, code: Err, reason: str, blame: Collection[str] = ()) -> None:
@@ -671,7 +758,6 @@ class Coordinator:
         grace = not self._settling(now)  # absent workers had their chance to re-register
         if grace and not self._announced_absent:
             self._announce_absent()
-        live: dict[str, LiveWorker] | None = None
         for model, rec in list(self.records.items()):
             if self._deploying(model):
                 continue
@@ -681,8 +767,7 @@ class Coordinator:
                 continue  # removed from the store: nothing to deploy
             if manifest.n_blocks != rec.n_blocks:
                 continue  # re-partitioned since: only a new deploy makes sense
-            if live is None:
-                live = self._live_view()
+            live = self._live_view(model)
             may_replan = self.cfg.replan and grace and any(w in self.seen for w in rec.workers)
             hop_bytes = [sum(b.size_bytes for b in manifest.blocks[h.start:h.end]) for h in rec.hops]
             repair = reconcile(rec, live, self._peek_plan_id(), hop_bytes, may_replan)
@@ -701,12 +786,18 @@ class Coordinator:
         pending = _PendingPlan(model, repair.record.plan, set(), self._deploy_deadline(), kind=repair.kind)
         self._send_deploys(P.new_rid(), manifest, repair.record, list(targets), pending)
 
-    def _live_view(self, sizes: bool = True) -> dict[str, LiveWorker]:
-        """The live workers as ``reconcile`` and the routes see them (bytes hosted only when ``sizes``)."""
+    def _live_view(self, model: str | None = None) -> dict[str, LiveWorker]:
+        """The live workers as ``reconcile`` and the routes see them.
+
+        ``hosted_bytes`` counts only ``model``'s stages (none when None): a worker evicts other
+        models' blocks to make room, so only this model's own stages compete for its budget.
+        """
         out = {}
         for name, rec in self.workers.items():
             hosted = 0
-            for s in rec.info.stages if sizes else ():
+            for s in rec.info.stages if model is not None else ():
+                if s.model != model:
+                    continue
                 try:
                     hosted += sum(b.size_bytes for b in self._manifest(s.model).blocks[s.start:s.end])
                 except (RuntimeFailure, EdgesplitError):
@@ -733,7 +824,7 @@ class Coordinator:
         """
         P.check_model_name(model)
         manifest = self._manifest(model)
-        live = self._live_view(sizes=False)
+        live = self._live_view()
         rec = self.records.get(model)
         if rec is not None:
             return route_of_plan(manifest, rec, live, self._deploying(model), self._settling(time.monotonic()))
@@ -742,7 +833,8 @@ class Coordinator:
     _HANDLERS = {
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
-        Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link,
+        Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link, Msg.PREFETCH: _on_prefetch,
+        Msg.UNDEPLOY: _on_undeploy,
     }
 
 

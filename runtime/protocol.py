@@ -62,6 +62,7 @@ MAX_PAYLOAD_FRAMES = 16  # tensors (or byte blobs) per message
 MAX_NDIM = 8
 MAX_HOPS = 64  # stages on one route
 MAX_ACKS = 256  # (rid, hop) pairs one ACK message acknowledges (20 B each in the header)
+MAX_HINT_MODELS = 64  # models named in a PREFETCH hint (the upcoming order, soonest first)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # default payload cap per frame and per message (ZMQ_MAXMSGSIZE per frame)
 # Payload frames below this are copied into the message, larger ones sent zero-copy (every edgesplit
 # socket's pyzmq ``copy_threshold``; pyzmq's default is 64 KiB). A zero-copy frame costs pyzmq a
@@ -111,6 +112,8 @@ class Msg(IntEnum):
     MODELS = 16  # client -> coordinator: models in its store
     NOTICE = 17  # coordinator -> clients and workers: a worker was lost
     LINK = 18  # client -> coordinator -> a cut's sending worker: change the link's settings live; reply: the new ones
+    PREFETCH = 19  # client -> coordinator -> the model's workers: make its stages resident now; reply: bytes and time
+    UNDEPLOY = 20  # client -> coordinator: release a model everywhere (workers free its blocks); reply: bytes freed
 
 
 class Err(IntEnum):

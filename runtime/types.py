@@ -112,6 +112,9 @@ class Route:
     input_shape: list[int]
     hops: list[RouteHop]
     replicas: list[list[RouteHop]] = field(default_factory=list)
+    # what the deploy that made this route did on each worker (Client.deploy fills it): load_ms,
+    # fetched_bytes (into its store), loaded_bytes (into memory), freed_bytes, resident_bytes
+    loaded: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -163,6 +166,7 @@ class WorkerInfo:
     last_seen_s: float = 0.0  # seconds since the coordinator last heard from it
     stats: list[list[Any]] = field(default_factory=list)  # [[model, hop, n, compute_ms_p50, compute_ms_mean, errors]]
     cache: dict[str, Any] = field(default_factory=dict)  # the worker's BlockCache.report()
+    resident: list[list[Any]] = field(default_factory=list)  # [[model, hop], ...] of stages with every block loaded
 
     def stage_stats(self) -> dict[tuple[str, int], dict[str, float]]:
         """``{(model, hop): {"n", "compute_ms_p50", "compute_ms_mean", "errors"}}`` from the last heartbeat."""
@@ -177,7 +181,7 @@ class WorkerInfo:
         return {"name": self.name, "endpoint": self.endpoint, "device": self.device,
                 "memory_budget_bytes": self.memory_budget_bytes, "state": self.state.value, "host": self.host,
                 "pid": self.pid, "stages": [s.to_msg() for s in self.stages], "telemetry": self.telemetry,
-                "last_seen_s": self.last_seen_s, "stats": self.stats, "cache": self.cache}
+                "last_seen_s": self.last_seen_s, "stats": self.stats, "cache": self.cache, "resident": self.resident}
 
     @classmethod
     def from_msg(cls, v: Any) -> "WorkerInfo":
@@ -198,4 +202,5 @@ class WorkerInfo:
                    telemetry=tel if isinstance(tel, dict) else {},
                    last_seen_s=float(v.get("last_seen_s", 0.0)) if P.is_finite_number(v.get("last_seen_s", 0.0)) else 0.0,
                    stats=v.get("stats") if isinstance(v.get("stats"), list) else [],
-                   cache=v.get("cache") if isinstance(v.get("cache"), dict) else {})
+                   cache=v.get("cache") if isinstance(v.get("cache"), dict) else {},
+                   resident=[r for r in _list(v.get("resident", []), "resident") if isinstance(r, list) and len(r) == 2])

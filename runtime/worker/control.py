@@ -59,7 +59,7 @@ class ControlLoop:
         rates = {f"link_rate_bps {ep}": m.rate for ep, m in list(w.rates.items()) if m.rate is not None and ep in nexts}
         return {"stages": [s.info.to_msg() for s in w.stages.values()],
                 "telemetry": {**w.telemetry.sample(), **rates},
-                "stats": w.stats.report(), "cache": w.cache.report(),
+                "stats": w.stats.report(), "cache": w.cache.report(), "resident": w.resident_stages(),
                 "counters": w.counters(), "queue": w.inq.qsize(), "kept": len(w.dataplane.kept)}
 
     def run(self) -> None:
@@ -77,8 +77,8 @@ class ControlLoop:
                     w.stopping.wait(0.05)
                     continue
                 sock = link.sock
-                busy = self.deployer.active or self.need_ready
-                timeout_ms = max(0, min(5 if self.deployer.active else 50 if busy else 100,
+                loading = self.deployer.active or self.deployer.prefetching
+                timeout_ms = max(0, min(5 if loading else 50 if self.need_ready else 100,
                                         int((next_hb - now) * 1000)))
                 if sock.poll(timeout_ms, zmq.POLLIN):
                     for _ in range(64):
@@ -127,6 +127,8 @@ class ControlLoop:
             self.deployer.start(sock, msg)
         elif t == Msg.CHUNK:
             self.deployer.on_chunk(sock, msg)
+        elif t == Msg.PREFETCH:
+            self.deployer.prefetch(sock, msg)
         elif t == Msg.LINK:
             self.on_link(sock, msg)
         elif t == Msg.NOTICE:

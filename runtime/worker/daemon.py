@@ -47,6 +47,7 @@ from ..transport import SocketOptions, Waker, advertised, local_address_towards,
 from .compute import ComputeLoop, Done, Job
 from .control import ControlLoop
 from .dataplane import DataPlane
+from .residency import Residency
 from .stage import Stage, StageStats
 
 log = logging.getLogger("edgesplit.worker")
@@ -63,11 +64,17 @@ class WorkerConfig:
                                       "this host's address towards the coordinator)")
     store: str = opt("./worker-store", "local block store; blocks it lacks are fetched from the coordinator into it")
     device: str = opt("cpu", "where stages run: cpu, cuda or cuda:N")
-    memory_budget_bytes: int = opt(2 * 1024**3, "bytes of block tensors kept resident (e.g. 2GiB)", alias="--memory-budget")
+    memory_budget_bytes: int = opt(2 * 1024**3, "bytes of block tensors kept resident (e.g. 2GiB); stages of "
+                                                "several models share it, least needed blocks evicted first",
+                                   alias="--memory-budget")
+    store_read_bytes: int = opt(0, "cap on store reads per second, to emulate a board's storage (e.g. 100MB for "
+                                   "an SD card, 300MB for eMMC; 0 = no cap)", alias="--store-read-rate")
     name: str | None = opt(None, "worker name, unique in the cluster (default: this host's name); a second worker "
                                  "under a live worker's name is refused")
     torch_threads: int = opt(0, "torch intra-op threads for compute (0 = torch's default)")
     queue_depth: int = opt(8, "requests queued for compute; beyond that a RUN is answered OVERLOADED at once")
+    max_batch: int = opt(8, "most queued requests for one stage run together as one batch (1 = no batching)")
+    batch_wait_ms: float = opt(2.0, "longest a request waits for others to fill a batch (never past its deadline)")
     max_kept: int = opt(64, "outputs kept until the next hop acknowledges them; when full, compute waits")
     max_peers: int = opt(64, "open connections to peers and requesters (least recently used closed beyond)")
     max_frame_bytes: int = opt(P.MAX_FRAME_BYTES, "largest tensor payload accepted per message (a larger frame "
@@ -95,14 +102,16 @@ class Worker:
         # the identity on every socket: the name plus a per-process tag, so two processes never share one
         self.ident = f"{self.name}/{os.urandom(4).hex()}".encode()
         self.log = logging.getLogger(f"edgesplit.worker.{self.name}")
-        self.store = BlockStore(cfg.store)
+        self.store = BlockStore(cfg.store, read_rate_bps=cfg.store_read_bytes or None)
         self.cache = BlockCache(self.store, cfg.memory_budget_bytes, self.device)
+        self.residency = Residency(self.cache)
         self.ctx = zmq.Context(io_threads=1)
         self.opts = SocketOptions(hwm_msgs=P.DATA_HWM_MSGS, max_frame_bytes=cfg.max_frame_bytes)
         self.data, bound = router(self.ctx, cfg.bind, self.opts)
         self.endpoint = cfg.advertise or advertised(bound, local_address_towards(cfg.coordinator))
         self.stages: dict[tuple[str, int], Stage] = {}
         self.stats = StageStats()
+        self.load_counters: collections.Counter[str] = collections.Counter()  # loads on request (compute thread)
         # next stages' endpoints -> measured link rate (the data plane adds and updates; others only read)
         self.rates: collections.defaultdict[str, RateMeter] = collections.defaultdict(RateMeter)
         self.telemetry = Telemetry(cfg.device)
@@ -121,7 +130,7 @@ class Worker:
 
     def counters(self) -> dict[str, int]:
         """Every loop's counters, for heartbeats (each loop writes only its own)."""
-        return {**self.dataplane.report_counters(), **self.compute.counters,
+        return {**self.dataplane.report_counters(), **self.compute.counters, **self.load_counters,
                 "expired": self.dataplane.counters["expired"] + self.compute.counters["expired"]}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -171,20 +180,37 @@ class Worker:
                 self.failed = True
                 self.stop()
 
-    def install(self, model: str, stages: list[Stage]) -> None:
-        """Replace ``model``'s hosted stages by ``stages`` (pins their blocks, unpins the old ones)."""
+    def acquire(self, stage: Stage) -> torch.nn.Module:
+        """The stage's module with its blocks resident (loading the missing ones), held until :meth:`release`."""
+        module, load = self.residency.acquire(stage)
+        if load.bytes:
+            self.load_counters["switches"] += 1
+            self.load_counters["switch_bytes"] += load.bytes
+            self.load_counters["switch_ms"] += int(load.seconds * 1000)
+        return module
+
+    def release(self, stage: Stage) -> None:
+        """End of a forward pass: the stage's blocks may be evicted again."""
+        self.residency.release(stage)
+
+    def resident_stages(self) -> list[list[Any]]:
+        """``[[model, hop], ...]`` of the registered stages whose blocks are all in the cache."""
+        return [[m, h] for (m, h), s in sorted(self.stages.items()) if self.residency.is_resident(s)]
+
+    def install(self, model: str, stages: list[Stage]) -> int:
+        """Register ``stages`` as ``model``'s stages here, replacing its old ones; returns the bytes freed."""
         new = {k: v for k, v in self.stages.items() if k[0] != model}
         for s in stages:
-            self.cache.pin(s.block_ids)
             new[(model, s.info.hop)] = s
-        for k, old in self.stages.items():
-            if k[0] == model:
-                self.cache.unpin(old.block_ids)
+        old = [s for k, s in self.stages.items() if k[0] == model]
+        self.residency.register(stages)
         self.stages = new  # one reference swap: io and compute threads see old or new, never half
+        freed = self.residency.unregister(old)
         for s in stages:  # a plan that routes to an endpoint says it is alive (again)
             for ep in s.info.next:
                 self.events.put(("alive", ep))
         self.waker.wake()
+        return freed
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -1,8 +1,13 @@
-"""DEPLOY orders: fetch the blocks the local store lacks in chunks, verify them, build the stages.
+"""Loading orders from the coordinator: DEPLOY (register stages, fetch what the store lacks, load) and PREFETCH.
 
 Not a loop of its own: the control loop calls :meth:`Deployer.advance` every iteration, so
-a deploy never blocks heartbeats. Hash checks and module building run on the loader
-thread; the new stages replace the model's old ones in one reference swap.
+a deploy never blocks heartbeats. A DEPLOY whose stages cannot fit the memory budget is
+refused before anything is fetched. Blocks the local store lacks are fetched in chunks
+and hash-checked on the loader thread; the stages are then registered (skeletons holding
+no memory, replacing the model's old ones in one reference swap) and, unless the order
+says ``load: false``, made resident by loading only the blocks the cache lacks. A
+PREFETCH makes a registered model resident ahead of its requests, evicting by the
+coordinator's hint of which models come next.
 """
 from __future__ import annotations
 
@@ -15,15 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import zmq
 
-from edgesplit.partitioner import EdgesplitError, ModelManifest, build_blocks
+from edgesplit.partitioner import EdgesplitError, ModelManifest
 
 from .. import protocol as P
+from ..config import human_size
 from ..errors import ProtocolError
 from ..links import LinkSpec, check_link, codec_block, create_link_codec
 from ..protocol import Err, Msg
 from ..transport import send
 from ..types import StageInfo
-from .stage import Stage
+from .residency import Load
+from .stage import Stage, stage_skeleton
 
 if TYPE_CHECKING:
     from .daemon import Worker
@@ -33,8 +40,9 @@ class _Deploy:
     """A DEPLOY order in progress: fetch missing blocks chunk by chunk, then build the stages."""
 
     def __init__(self, rid: bytes, manifest: ModelManifest, plan: int, stages: list[StageInfo],
-                 links: list[tuple[LinkSpec, LinkSpec]], missing: list[str]) -> None:
+                 links: list[tuple[LinkSpec, LinkSpec]], missing: list[str], load: bool) -> None:
         self.rid, self.manifest, self.plan, self.stages, self.links = rid, manifest, plan, stages, links
+        self.load = load
         self.missing = collections.deque(missing)
         self.current: str | None = None
         self.buf: bytearray | None = None
@@ -45,6 +53,8 @@ class _Deploy:
         self.fetched_bytes = 0
         self.verifying: list[concurrent.futures.Future] = []
         self.build: concurrent.futures.Future | None = None
+        self.loading: concurrent.futures.Future | None = None
+        self.freed = 0
         self.t0 = time.monotonic()
 
 
@@ -56,10 +66,12 @@ class Deployer:
         self.log = logging.getLogger(f"edgesplit.worker.{worker.name}.deploy")
         self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loader")
         self.active: dict[bytes, _Deploy] = {}
+        self.prefetching: dict[bytes, tuple[str, concurrent.futures.Future]] = {}
 
     def cancel_all(self) -> None:
         """Fetch state is tied to one coordinator connection: drop it when that connection goes."""
         self.active.clear()
+        self.prefetching.clear()
 
     def fail(self, sock: zmq.Socket, rid: bytes, code: Err, reason: str) -> bool:
         """End a deploy with an error reply; False when ``rid`` is no deploy of ours."""
@@ -83,16 +95,24 @@ class Deployer:
             manifest = ModelManifest.from_json(bytes(msg.blob(0)).decode())
             if manifest.name != model or any(s.model != model or s.n_blocks != manifest.n_blocks for s in stages):
                 raise ProtocolError(f"bad message: DEPLOY of {model} carries a manifest of {manifest.name}")
+            load = P.body_get(body, "load", bool, True)
         except (EdgesplitError, UnicodeDecodeError) as e:
             _reply(sock, P.encode_error(msg.rid, Err.DEPLOY_FAILED, f"worker {w.name}: bad DEPLOY: {e}"))
             return
         needed = list(dict.fromkeys([b.id for s in stages for b in manifest.blocks[s.start:s.end]]
                                     + [c for pair in links for c in (codec_block(l, manifest) for l in pair) if c]))
+        sizes = {b.id: b.size_bytes for s in stages for b in manifest.blocks[s.start:s.end]}
+        if sum(sizes.values()) > w.cfg.memory_budget_bytes:  # refused before anything is fetched
+            _reply(sock, P.encode_error(msg.rid, Err.DEPLOY_FAILED, (
+                f"worker {w.name}: stages {[s.hop for s in stages]} of {model} need {human_size(sum(sizes.values()))} "
+                f"({sum(sizes.values())} B), the memory budget is {human_size(w.cfg.memory_budget_bytes)} "
+                f"({w.cfg.memory_budget_bytes} B)")))
+            return
         missing = [bid for bid in needed if bid not in w.cache and not w.store.has(bid)]
         for rid, d in list(self.active.items()):  # an older order for this model must not install after this one
             if d.manifest.name == model:
                 self.fail(sock, rid, Err.DEPLOY_FAILED, f"deploy of {model} plan {d.plan} superseded by plan {plan}")
-        self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing)
+        self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing, load)
         self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
                       [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed))
 
@@ -123,7 +143,8 @@ class Deployer:
         d.outstanding -= 1
 
     def advance(self, sock: zmq.Socket) -> None:
-        """One step of every deploy in progress."""
+        """One step of every deploy and prefetch in progress."""
+        self._advance_prefetches(sock)
         for d in list(self.active.values()):
             try:
                 self._advance(sock, d)
@@ -162,35 +183,95 @@ class Deployer:
             return
         if not d.build.done():
             return
-        stages = d.build.result()
+        if d.loading is None:
+            stages = d.build.result()
+            d.freed = w.install(d.manifest.name, stages)  # registered: requests load what they need from now
+            d.loading = self.loader.submit(self._load, stages if d.load else [])
+            return
+        if not d.loading.done():
+            return
+        stages, loaded = d.build.result(), d.loading.result()
         self.active.pop(d.rid, None)
-        w.install(d.manifest.name, stages)
         load_ms = (time.monotonic() - d.t0) * 1000
-        self.log.info("deployed %s plan %d: hops %s in %.0f ms (%d B fetched)", d.manifest.name, d.plan,
-                      [s.info.hop for s in stages], load_ms, d.fetched_bytes)
+        self.log.info("deployed %s plan %d: hops %s in %.0f ms (%d B fetched, %d B loaded in %.0f ms, %d B freed)",
+                      d.manifest.name, d.plan, [s.info.hop for s in stages], load_ms, d.fetched_bytes, loaded.bytes,
+                      loaded.seconds * 1000, d.freed)
         _reply(sock, P.encode(Msg.DEPLOYED, d.rid, 0, {"body": {
             "model": d.manifest.name, "plan": d.plan, "stages": [s.info.to_msg() for s in stages],
-            "load_ms": load_ms, "fetched_bytes": d.fetched_bytes}}))
+            "load_ms": load_ms, "fetched_bytes": d.fetched_bytes, "loaded_bytes": loaded.bytes,
+            "freed_bytes": d.freed, "resident_bytes": w.cache.resident_bytes}}))
 
     def _build(self, d: _Deploy) -> list[Stage]:
-        """Loader thread: blocks through the cache, stage modules aliasing the cached tensors."""
+        """Loader thread: stage skeletons (no memory) and link codecs."""
         w = self.w
         out = []
         for info, (link_in, link_out) in zip(d.stages, d.links):
             entries = d.manifest.blocks[info.start:info.end]
-            tensors = {b.id: w.cache.get(b.id) for b in entries}
-            module = build_blocks(w.store, d.manifest, info.start, info.end, w.device, tensors=tensors)
-            for child, entry in zip(module.children(), entries):
-                child.load_state_dict(tensors[entry.id], strict=True, assign=True)  # share the cache's memory
+            module = stage_skeleton(d.manifest, info.start, info.end, w.device)
             in_shape = list(d.manifest.input_shape if info.start == 0 else d.manifest.blocks[info.start - 1].out_shape)
-            with torch.inference_mode():
-                module(torch.zeros(1, *in_shape, device=w.device))  # warm-up: first-call allocations
             codec_in = create_link_codec(link_in, d.manifest, w.store, w.device)
             codec_out = create_link_codec(link_out, d.manifest, w.store, w.device)
             check_link(codec_out, link_out)
-            out.append(Stage(info, module.eval(), [b.id for b in entries], in_shape, link_in, link_out,
-                             codec_in, codec_out))
+            out.append(Stage(info, module, [b.id for b in entries], in_shape, link_in, link_out,
+                             codec_in, codec_out, sizes=[b.size_bytes for b in entries]))
         return out
+
+    def _load(self, stages: list[Stage]) -> Load:
+        """Loader thread: make ``stages`` resident (only missing blocks are read) and warm them up."""
+        w, total = self.w, Load()
+        for s in stages:
+            module, load = w.residency.acquire(s)
+            try:
+                total.bytes += load.bytes
+                total.seconds += load.seconds
+                with torch.inference_mode():
+                    module(torch.zeros(1, *s.in_shape, device=w.device))  # first-call allocations
+            finally:
+                w.residency.release(s)
+        return total
+
+    # --- PREFETCH ------------------------------------------------------------------------------
+    def prefetch(self, sock: zmq.Socket, msg: P.Message) -> None:
+        """Make a registered model's stages resident now; ``hint`` (models, soonest first) orders eviction."""
+        w = self.w
+        model = P.check_model_name(P.body_get(msg.body, "model", str))
+        hint = [m for m in P.body_get(msg.body, "hint", list, []) if isinstance(m, str)][:P.MAX_HINT_MODELS]
+        stages = [s for (m, _), s in sorted(w.stages.items()) if m == model]
+        if not stages:
+            _reply(sock, P.encode_error(msg.rid, Err.NOT_DEPLOYED, f"worker {w.name} has no stage of {model}"))
+            return
+        rank: dict[str, int] = {}
+        for i, m in enumerate([model] + hint):
+            for (sm, _), s in w.stages.items():
+                if sm == m:
+                    for bid in s.block_ids:
+                        rank.setdefault(bid, i)
+        w.cache.hint(rank)
+        self.prefetching[msg.rid] = (model, self.loader.submit(self._timed_load, stages))
+
+    def _timed_load(self, stages: list[Stage]) -> tuple[Load, float]:
+        t0 = time.perf_counter()
+        load = Load()
+        for s in stages:
+            _, part = self.w.residency.acquire(s)
+            self.w.residency.release(s)
+            load.bytes += part.bytes
+            load.seconds += part.seconds
+        return load, time.perf_counter() - t0
+
+    def _advance_prefetches(self, sock: zmq.Socket) -> None:
+        for rid, (model, fut) in list(self.prefetching.items()):
+            if not fut.done():
+                continue
+            del self.prefetching[rid]
+            try:
+                load, seconds = fut.result()
+            except (EdgesplitError, RuntimeError, OSError) as e:
+                _reply(sock, P.encode_error(rid, Err.DEPLOY_FAILED, f"worker {self.w.name}: prefetch of {model}: {e}"))
+                continue
+            _reply(sock, P.encode(Msg.PREFETCH, rid, 0, {"body": {
+                "model": model, "loaded_bytes": load.bytes, "load_ms": load.seconds * 1000, "ms": seconds * 1000,
+                "resident_bytes": self.w.cache.resident_bytes}}))
 
 
 def _reply(sock: zmq.Socket, frames: list[Any]) -> None:

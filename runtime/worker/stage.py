@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from edgesplit.partitioner import ManifestError, ModelManifest, build_skeleton, decompose
 
 from ..errors import BadInput
 from ..links import LinkCodec, LinkSpec
@@ -26,6 +28,18 @@ class Stage:
     link_out: LinkSpec  # how its output leaves (the next cut)
     codec_in: LinkCodec | None  # None = raw
     codec_out: LinkCodec | None
+    sizes: list[int] = field(default_factory=list)  # bytes per block, from the manifest
+    loaded: list[bool] = field(default_factory=list)  # per block: parameters alias the cache (else meta)
+
+    def __post_init__(self) -> None:
+        self.children = list(self.module.children())
+        if not self.loaded:
+            self.loaded = [False] * len(self.block_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stage's blocks (what making it resident takes)."""
+        return sum(self.sizes)
 
 
 class StageStats:
@@ -71,3 +85,28 @@ def check_input(x: torch.Tensor, stage: Stage, worker: str) -> None:
                        f"{', '.join(map(str, stage.in_shape))}), got {tuple(x.shape)}")
     if x.dtype != torch.float32:
         raise BadInput(f"stage {stage.info.hop} of {stage.info.model} expects float32 input, got {x.dtype}")
+
+
+def stage_skeleton(manifest: ModelManifest, start: int, end: int, device: str | torch.device) -> nn.Sequential:
+    """Blocks ``[start, end)`` with their parameters on ``meta``: a stage's shape, holding no memory.
+
+    A block with non-persistent buffers (computed at init, e.g. position indices) is built for
+    real and only its state moved to ``meta``, so those buffers survive.
+    """
+    blocks = decompose(build_skeleton(manifest.recipe, device="meta"))
+    if len(blocks) != manifest.n_blocks:
+        raise ManifestError(f"recipe of {manifest.name} builds {len(blocks)} blocks, manifest lists "
+                            f"{manifest.n_blocks}; the manifest does not match its recipe")
+    real = None
+    out = nn.Sequential()
+    for index in range(start, end):
+        entry, module = manifest.blocks[index], blocks[index].module
+        if entry.name != blocks[index].name:
+            raise ManifestError(f"block {entry.name!r} of {manifest.name} rebuilds as {blocks[index].name!r}")
+        persistent = set(module.state_dict())
+        if any(n not in persistent for n, _ in module.named_buffers()):
+            real = real or decompose(build_skeleton(manifest.recipe, device="cpu"))
+            module = real[index].module.to(device)
+            module.load_state_dict({k: v.to("meta") for k, v in module.state_dict().items()}, assign=True)
+        out.add_module(entry.name.replace(".", "_"), module)
+    return out.eval()

@@ -1,0 +1,105 @@
+"""Which registered stages are resident, and making one resident by loading only its missing blocks.
+
+A registered stage keeps its module skeleton for good; its blocks' parameters alias the
+block cache's tensors while resident and sit on the ``meta`` device (no memory) while not.
+Acquiring a stage pins its blocks, loads the missing ones through the cache (which may
+evict other stages' blocks: those stages fall back to ``meta``), and points the module at
+them. Shared blocks are loaded once and aliased by every stage that uses them, whatever
+the model. All of it runs under the cache's lock, so eviction never touches a module that
+is being pointed at its tensors, and never one that is computing (its blocks are pinned).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+from ..cache import BlockCache
+from .stage import Stage
+
+
+@dataclass
+class Load:
+    """What one acquire loaded: bytes read into the cache and the seconds it took (0 when resident)."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class Residency:
+    """The worker's registered stages by (model, hop), seen from the block cache."""
+
+    def __init__(self, cache: BlockCache) -> None:
+        self.cache = cache
+        self._users: dict[str, list[tuple[Stage, int]]] = {}  # block id -> (stage, child index) aliasing it
+        cache.on_evict = self._evicted
+
+    def register(self, stages: Iterable[Stage]) -> None:
+        """Track these stages (their children are on ``meta`` until acquired)."""
+        with self.cache.lock:
+            for s in stages:
+                for i, bid in enumerate(s.block_ids):
+                    self._users.setdefault(bid, []).append((s, i))
+
+    def unregister(self, stages: Iterable[Stage]) -> int:
+        """Forget these stages and evict blocks no registered stage uses; returns the bytes freed.
+
+        A module still computing keeps its tensors alive until its forward pass returns; the
+        module itself is left alone (it is dropped with its last reference).
+        """
+        gone = list(stages)
+        with self.cache.lock:
+            before = self.cache.resident_bytes
+            for s in gone:
+                for bid in s.block_ids:
+                    users = [(t, i) for t, i in self._users.get(bid, []) if t is not s]
+                    if users:
+                        self._users[bid] = users
+                    else:
+                        self._users.pop(bid, None)
+                        self.cache.evict(bid)
+            return before - self.cache.resident_bytes
+
+    def acquire(self, stage: Stage) -> tuple[nn.Module, Load]:
+        """The stage's module with every block resident and pinned until :meth:`release`.
+
+        Raises:
+            DeployError: the blocks cannot fit the budget beside those computing now.
+            MissingBlocksError, BlockHashMismatch: the local store lacks a block or holds a corrupt one.
+        """
+        load = Load()
+        with self.cache.lock:
+            self.cache.pin(stage.block_ids)
+            try:
+                for i, bid in enumerate(stage.block_ids):
+                    if stage.loaded[i] and bid in self.cache:
+                        self.cache.get(bid)  # a hit: keeps LRU order true
+                        continue
+                    before, t0 = self.cache.stats.bytes_loaded, time.perf_counter()
+                    tensors = self.cache.get(bid)
+                    load.bytes += self.cache.stats.bytes_loaded - before
+                    load.seconds += time.perf_counter() - t0
+                    child = stage.children[i]
+                    child.load_state_dict(tensors, strict=True, assign=True)  # alias: no copy
+                    stage.loaded[i] = True
+            except BaseException:
+                self.cache.unpin(stage.block_ids)
+                raise
+        return stage.module, load
+
+    def release(self, stage: Stage) -> None:
+        self.cache.unpin(stage.block_ids)
+
+    def is_resident(self, stage: Stage) -> bool:
+        with self.cache.lock:
+            return all(stage.loaded) and all(b in self.cache for b in stage.block_ids)
+
+    def _evicted(self, bid: str) -> None:
+        """The cache dropped ``bid``: every registered child aliasing it goes back to ``meta``."""
+        for stage, i in self._users.get(bid, []):
+            if stage.loaded[i]:
+                child = stage.children[i]  # state only: non-persistent buffers (computed at init) stay
+                child.load_state_dict({k: v.to("meta") for k, v in child.state_dict().items()}, assign=True)
+                stage.loaded[i] = False

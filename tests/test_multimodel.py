@@ -1,0 +1,159 @@
+"""Many models per worker: shared blocks held once, partial loading on switch, budgets, undeploy.
+
+Real processes: a coordinator and three workers on 127.0.0.1 with different memory budgets.
+Models: three vit_tiny variants that share their bottom blocks (A; B = A with blocks 9-11
+and the head re-drawn; C = A with blocks 6-11 and the head re-drawn) and an unrelated
+dummy model. Figures come from the workers' own reports (what they loaded, freed, hold).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from edgesplit.partitioner import BlockStore, partition, timm_recipe
+from edgesplit.runtime import Client
+from edgesplit.runtime.cluster import LocalCluster, LocalClusterConfig
+from edgesplit.runtime.errors import DeployError, UnknownModel
+
+MB = 1_000_000
+
+
+def _variant(base: torch.nn.Module, first_new_block: int, seed: int) -> torch.nn.Module:
+    """``base`` with blocks ``first_new_block..`` and the head re-drawn (the bottom stays shared)."""
+    m = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    for blk in m.blocks[first_new_block:]:
+        for p in blk.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    torch.nn.init.normal_(m.head.weight, std=0.02)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    import timm
+
+    from edgesplit.runtime.dummy import build_dummy, dummy_recipe
+
+    torch.manual_seed(0)
+    a = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    models = {"vitA": a, "vitB": _variant(a, 9, 1), "vitC": _variant(a, 6, 2), "dummy4": build_dummy(n_blocks=4)}
+    root = tmp_path_factory.mktemp("multimodel-store")
+    store = BlockStore(root)
+    for name, m in models.items():
+        recipe = dummy_recipe(4) if name.startswith("dummy") else timm_recipe("vit_tiny_patch16_224")
+        partition(m, name, recipe, store, input_shape=[4] if name.startswith("dummy") else None, profile=False)
+    sizes = {name: {b.id: b.size_bytes for b in store.manifest(name).blocks} for name in models}
+    n_blocks = {name: store.manifest(name).n_blocks for name in models}
+    return {"root": root, "models": models, "sizes": sizes, "n_blocks": n_blocks}
+
+
+@pytest.fixture(scope="module")
+def cluster(variants):
+    # w0: room for one variant and a bit (switching); w1: 5 MiB (too small for any vit stage); w2: plenty
+    args = {0: ["--memory-budget", "26MB"], 1: ["--memory-budget", "5MiB"], 2: ["--memory-budget", "1GiB"]}
+    cfg = LocalClusterConfig(workers=3, port=0, torch_threads=1, heartbeat_ms=300)
+    with LocalCluster(cfg, variants["root"], worker_args=args, coordinator_args=["--no-replan"]) as c:
+        yield c
+
+
+def _worker(client: Client, name: str, after: float = 0.0):
+    """The worker's record from a heartbeat sent after ``after`` (monotonic seconds)."""
+    while time.monotonic() - after < 0.7:  # two heartbeats of 300 ms
+        time.sleep(0.1)
+    return next(w for w in client.workers() if w.name == name)
+
+
+def _check_output(client: Client, variants, name: str) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 224, 224) if name.startswith("vit") else torch.randn(2, 4)
+    y = client.infer(name, x, timeout_ms=60_000)
+    with torch.no_grad():
+        ref = variants["models"][name](x)
+    assert torch.allclose(y, ref, atol=1e-4), f"{name}: max diff {(y - ref).abs().max():.2e}"
+
+
+def test_shared_blocks_are_loaded_once_and_undeploy_frees_only_what_no_model_uses(cluster, variants):
+    sizes = variants["sizes"]
+    with cluster.client() as client:
+        ra = client.deploy("vitA", stages=[("w2", 0, variants["n_blocks"]["vitA"])])
+        assert ra.loaded["w2"]["loaded_bytes"] == sum(sizes["vitA"].values())
+        rb = client.deploy("vitB", stages=[("w2", 0, variants["n_blocks"]["vitB"])])
+        only_b = sum(v for k, v in sizes["vitB"].items() if k not in sizes["vitA"])
+        assert 0 < only_b < sum(sizes["vitB"].values()) / 2
+        assert rb.loaded["w2"]["loaded_bytes"] == only_b  # the shared bottom was already resident
+        both = sum({**sizes["vitA"], **sizes["vitB"]}.values())
+        assert rb.loaded["w2"]["resident_bytes"] == both
+        _check_output(client, variants, "vitA")
+        _check_output(client, variants, "vitB")
+        w = _worker(client, "w2", time.monotonic())
+        assert sorted(map(tuple, w.resident)) == [("vitA", 0), ("vitB", 0)]
+
+        freed = client.undeploy("vitB")
+        assert freed["w2"]["freed_bytes"] == only_b and freed["w2"]["resident_bytes"] == sum(sizes["vitA"].values())
+        with pytest.raises(UnknownModel):  # NotDeployed is an UnknownModel
+            client.infer("vitB", torch.randn(1, 3, 224, 224), timeout_ms=10_000)
+        _check_output(client, variants, "vitA")  # the shared blocks stayed for A
+        freed = client.undeploy("vitA")
+        assert freed["w2"]["freed_bytes"] == sum(sizes["vitA"].values()) and freed["w2"]["resident_bytes"] == 0
+
+
+def test_oversized_plan_is_refused_before_anything_is_fetched(cluster, variants):
+    total = sum(variants["sizes"]["vitA"].values())
+    with cluster.client() as client:
+        with pytest.raises(DeployError, match=r"does not fit worker w1.*need .*\({} B\).*budget".format(total)):
+            client.deploy("vitA", stages=[("w1", 0, variants["n_blocks"]["vitA"])])
+        w = _worker(client, "w1", time.monotonic())
+        assert w.stages == [] and w.cache["bytes_loaded"] == 0
+    assert BlockStore(cluster.workdir / "w1").block_ids() == []  # nothing fetched into its store
+
+
+def test_switching_loads_only_missing_blocks_and_never_exceeds_the_budget(cluster, variants):
+    sizes = variants["sizes"]
+    budget = 26 * MB
+    only = {m: sum(v for k, v in sizes[m].items() if k not in sizes["vitA"]) for m in ("vitB", "vitC")}
+    with cluster.client() as client:
+        for name in ("vitA", "vitB", "vitC", "dummy4"):  # registered; only the last one deployed stays resident
+            client.deploy(name, stages=[("w0", 0, variants["n_blocks"][name])])
+        t = time.monotonic()
+        w = _worker(client, "w0", t)
+        assert len(w.stages) == 4 and w.cache["resident_bytes"] <= budget
+        client.prefetch("vitA")  # no hint: every block A does not use may go (least recently used first)
+        _check_output(client, variants, "vitA")
+        before = _worker(client, "w0", time.monotonic()).telemetry.get("count_switch_bytes", 0)
+        _check_output(client, variants, "vitB")  # a request for a registered, non-resident stage loads it
+        after = _worker(client, "w0", time.monotonic()).telemetry["count_switch_bytes"]
+        assert after - before == only["vitB"]  # only B's own top blocks were read
+        reply = client.prefetch("vitC", hint=["vitA"])
+        assert reply["w0"]["loaded_bytes"] == only["vitC"]
+        for name in ["vitA", "vitB", "dummy4", "vitC", "vitA", "vitC", "vitB"] * 2:  # a switching workload
+            _check_output(client, variants, name)
+        w = _worker(client, "w0", time.monotonic())
+        assert w.cache["resident_max_bytes"] <= budget  # the peak, not a sample
+        assert w.cache["evictions"] > 0 and w.telemetry["count_switches"] >= 8
+        for name in ("vitA", "vitB", "vitC", "dummy4"):
+            client.undeploy(name)
+        assert _worker(client, "w0", time.monotonic()).cache["resident_bytes"] == 0
+
+
+def test_eviction_follows_the_hint_then_least_recently_used(tmp_path):
+    from edgesplit.runtime.cache import BlockCache
+
+    store = BlockStore(tmp_path)
+    ids = [store.put({"w": torch.full((256,), float(i))}) for i in range(6)]  # 1 KiB each
+    cache = BlockCache(store, budget_bytes=4 * 1024)
+    for bid in ids[:4]:
+        cache.get(bid)
+    cache.hint({ids[0]: 0, ids[1]: 2, ids[2]: 1, ids[4]: 0})  # ids[3] is needed never: it goes first
+    cache.get(ids[4])
+    assert ids[3] not in cache and all(b in cache for b in ids[:3])
+    cache.get(ids[5])  # then the one needed farthest in the future
+    assert ids[1] not in cache and ids[0] in cache and ids[2] in cache
+    cache.hint({})
+    cache.pin([ids[0]])
+    cache.get(ids[1])  # no hint: least recently used, pinned ones stay
+    assert ids[0] in cache and ids[2] not in cache
+    assert cache.stats.resident_max_bytes == 4 * 1024 == cache.resident_bytes
