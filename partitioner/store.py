@@ -194,8 +194,13 @@ class BlockStore:
         self._check_sha(bid, tensors, source)
         return tensors
 
-    def get(self, bid: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def get(self, bid: str, device: str | torch.device = "cpu", into: torch.Tensor | None = None
+            ) -> dict[str, torch.Tensor]:
         """Load a block's tensors onto ``device``, checked against the file verified at write time.
+
+        ``into``: a uint8 CPU buffer of at least :meth:`file_bytes` to read into instead of fresh
+        memory (a cache reusing an evicted block's memory: no page faults); the tensors are then
+        views into it. Ignored for other devices and on the SHA-256 path.
 
         Raises:
             MissingBlocksError: the block is not in this store.
@@ -204,7 +209,7 @@ class BlockStore:
         dev = torch.device(device)
         known = self._read_digest(bid)
         if known is not None:
-            tensors = self._load_fast(bid, dev, known)
+            tensors = self._load_fast(bid, dev, known, into)
             if tensors is not None:
                 return tensors
             log.warning("block %s: file %s does not match its digest sidecar; checking it with SHA-256",
@@ -219,7 +224,15 @@ class BlockStore:
         """
         self._load_checked(bid, torch.device("cpu"))
 
-    def _load_fast(self, bid: str, dev: torch.device, known: _Digest) -> dict[str, torch.Tensor] | None:
+    def file_bytes(self, bid: str) -> int:
+        """Size of a block's file (what loading it into host memory takes, header included)."""
+        try:
+            return self.path(bid).stat().st_size
+        except FileNotFoundError:
+            raise MissingBlocksError(f"block {bid} is not in store {self.root}", [bid]) from None
+
+    def _load_fast(self, bid: str, dev: torch.device, known: _Digest, into: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor] | None:
         """One read, hashed per chunk; None when the bytes are not the ones the sidecar vouches for."""
         digest = xxhash.xxh3_128()
         with self._open(bid) as f:
@@ -227,7 +240,7 @@ class BlockStore:
             if n != known.size_bytes:
                 return None
             reader = ChunkReader(f, self._cap, self.chunk_bytes, digest)
-            layout, data = self._read(bid, reader, n, dev)
+            layout, data = self._read(bid, reader, n, dev, into)
         if digest.hexdigest() != known.xxh3_hex:
             return None
         tensors = tensors_from(layout, data)
@@ -251,7 +264,8 @@ class BlockStore:
             data = data.to(dev)
         return tensors_from(layout, data)
 
-    def _read(self, bid: str, reader: ChunkReader, n: int, dev: torch.device) -> tuple[BlockLayout, torch.Tensor]:
+    def _read(self, bid: str, reader: ChunkReader, n: int, dev: torch.device, into: torch.Tensor | None = None
+              ) -> tuple[BlockLayout, torch.Tensor]:
         """The layout and the data region, in one buffer on ``dev`` (or raise: corrupt).
 
         On the host the whole file lands in one buffer, read exactly as a raw read would,
@@ -260,7 +274,9 @@ class BlockStore:
         """
         try:
             if dev.type == "cpu":
-                buf = host_buffer(n)
+                usable = into is not None and into.dtype == torch.uint8 and into.device.type == "cpu" \
+                    and into.is_contiguous() and into.numel() >= n
+                buf = into[:n] if usable else host_buffer(n)
                 view = memoryview(buf.numpy())
                 reader.read_into(view)
                 header_end = PREFIX_BYTES + header_length(view[:PREFIX_BYTES], n)

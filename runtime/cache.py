@@ -7,10 +7,16 @@ however many stages of however many models use it. Blocks in use by a forward pa
 load in progress) are pinned; the rest are evicted when the byte budget would be
 exceeded: first those the coordinator's hint does not name, least recently used first,
 then the one named farthest in the future (Belady's rule).
+
+On the host, an evicted block's memory is kept for the next load (``pooled_bytes``, inside
+the budget) when nothing else references it: reading into memory the process already has
+skips the page faults that make a fresh buffer several times slower to fill, so a switch
+costs the read, not the allocation.
 """
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -35,10 +41,14 @@ class CacheStats:
     bytes_evicted: int = 0
     load_s: float = 0.0  # time spent loading missing blocks (store read + integrity check + device copy)
     resident_max_bytes: int = 0  # the peak of resident bytes (never above the budget)
+    buffers_reused: int = 0  # loads that went into an evicted block's memory
 
     @property
     def load_bytes_per_s(self) -> float:
         return self.bytes_loaded / self.load_s if self.load_s > 0 else 0.0
+
+
+POOL_SLACK_BYTES = 64 * 1024  # a pooled buffer takes a block at most this much smaller than itself
 
 
 def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -64,12 +74,18 @@ class BlockCache:
         self._sizes: dict[str, int] = {}
         self._pins: collections.Counter[str] = collections.Counter()
         self._next_use: dict[str, int] = {}  # the coordinator's hint: block id -> rank of its next use
+        self._pool: list[torch.Tensor] = []  # evicted blocks' host buffers (uint8), for the next loads
+        self._refs: dict[str, tuple[int, ...] | None] = {}  # block id -> references to its host storage when loaded
         self.lock = threading.RLock()  # also guards what aliases the tensors (the worker's stage modules)
         self.stats = CacheStats()
 
     @property
     def resident_bytes(self) -> int:
         return sum(self._sizes.values())
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(b.numel() for b in self._pool)
 
     def __contains__(self, block_id: object) -> bool:
         return block_id in self._blocks
@@ -95,15 +111,43 @@ class BlockCache:
                 return hit
             self.stats.misses += 1
             t0 = time.perf_counter()
-            tensors = self.store.get(block_id, device=self.device)
-            size = tensors_bytes(tensors)
-            self._make_room(size, block_id)
+            into = self._room_for(block_id)
+            reused = into is not None
+            tensors = self.store.get(block_id, device=self.device, into=into)
+            del into  # counted below, it would hold the memory as if someone else did
+            refs = _storage_refs(tensors)
+            size = next(iter(tensors.values())).untyped_storage().nbytes() if refs is not None else \
+                tensors_bytes(tensors)  # host: the whole buffer (header and slack included) is held
+            self._make_room(size, block_id)  # the file's size was a guess; the tensors' bytes count
             self._blocks[block_id] = tensors
             self._sizes[block_id] = size
+            self._refs[block_id] = refs
             self.stats.resident_max_bytes = max(self.stats.resident_max_bytes, self.resident_bytes)
-            self.stats.bytes_loaded += size
+            self.stats.bytes_loaded += tensors_bytes(tensors)
+            self.stats.buffers_reused += reused
             self.stats.load_s += time.perf_counter() - t0
             return tensors
+
+    def _room_for(self, block_id: str) -> torch.Tensor | None:
+        """Make room for a block about to load; a pooled buffer to read it into, if one fits."""
+        need = self.store.file_bytes(block_id) if self.device.type == "cpu" else 0
+        victims = self._victims()
+        while True:
+            fits = [b for b in self._pool if need <= b.numel() <= need + POOL_SLACK_BYTES]
+            if fits:
+                buf = min(fits, key=lambda b: b.numel())
+                self._pool = [b for b in self._pool if b is not buf]
+                self._make_room(buf.numel(), block_id)
+                return buf
+            if self.resident_bytes + self.pooled_bytes + need <= self.budget_bytes:
+                return None
+            if victims:
+                self.evict(victims.pop(0))  # its buffer joins the pool: the next turn may take it
+            elif self._pool:
+                self._pool.sort(key=lambda b: b.numel())
+                self._pool.pop()
+            else:
+                self._make_room(need, block_id)  # raises with the numbers
 
     def _victims(self) -> list[str]:
         """Unpinned blocks in eviction order: unhinted (LRU first), then farthest next use first."""
@@ -113,28 +157,49 @@ class BlockCache:
         return unhinted + hinted
 
     def _make_room(self, size: int, block_id: str) -> None:
+        """Evict (then drop pooled buffers) until ``size`` more bytes fit the budget."""
         if size > self.budget_bytes:
             raise DeployError(f"block {block_id[:12]} needs {human_size(size)}, the worker's memory budget is "
                               f"{human_size(self.budget_bytes)}; raise --memory-budget or cut the model finer")
-        for victim in self._victims():
-            if self.resident_bytes + size <= self.budget_bytes:
-                return
-            self.evict(victim)
-        if self.resident_bytes + size > self.budget_bytes:
-            raise DeployError(f"cannot load block {block_id[:12]} ({human_size(size)}): "
-                              f"{human_size(self.resident_bytes)} of the {human_size(self.budget_bytes)} budget "
-                              "is held by stages computing now; try again, or raise --memory-budget")
+        victims = self._victims()
+        while self.resident_bytes + self.pooled_bytes + size > self.budget_bytes:
+            if victims:
+                self.evict(victims.pop(0))  # its buffer joins the pool: the next load may reuse it
+                if self.resident_bytes + size <= self.budget_bytes:
+                    self._trim_pool(self.budget_bytes - self.resident_bytes - size)
+            elif self._pool:
+                self._trim_pool(self.budget_bytes - self.resident_bytes - size)
+            else:
+                raise DeployError(f"cannot load block {block_id[:12]} ({human_size(size)}): "
+                                  f"{human_size(self.resident_bytes)} of the {human_size(self.budget_bytes)} budget "
+                                  "is held by stages computing now; try again, or raise --memory-budget")
+
+    def drop_pool(self) -> int:
+        """Free every pooled buffer (after an undeploy the memory goes back); returns the bytes."""
+        with self.lock:
+            n = self.pooled_bytes
+            self._pool.clear()
+            return n
+
+    def _trim_pool(self, keep_bytes: int) -> None:
+        """Free pooled buffers, largest first, until at most ``keep_bytes`` stay pooled."""
+        self._pool.sort(key=lambda b: b.numel())
+        while self._pool and self.pooled_bytes > max(0, keep_bytes):
+            self._pool.pop()
 
     def evict(self, block_id: str) -> bool:
         """Drop a resident, unpinned block; False if absent or pinned."""
         with self.lock:
             if block_id not in self._blocks or self._pins[block_id]:
                 return False
-            del self._blocks[block_id]
+            tensors = self._blocks.pop(block_id)
             self.stats.bytes_evicted += self._sizes.pop(block_id)
             self.stats.evictions += 1
             if self.on_evict is not None:
-                self.on_evict(block_id)
+                self.on_evict(block_id)  # modules let go of its tensors
+            buf = _sole_buffer(tensors, self._refs.pop(block_id, None))
+            if buf is not None:
+                self._pool.append(buf)
             return True
 
     def pin(self, block_ids: Iterable[str]) -> None:
@@ -160,5 +225,36 @@ class BlockCache:
         """Counters and occupancy for telemetry."""
         with self.lock:
             return {**asdict(self.stats), "resident_bytes": self.resident_bytes, "budget_bytes": self.budget_bytes,
+                    "pooled_bytes": self.pooled_bytes,
                     "resident_blocks": len(self._blocks), "pinned_blocks": len(self._pins),
                     "load_bytes_per_s": self.stats.load_bytes_per_s}
+
+
+def _storage_refs(tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """References to a block's memory: to its one host storage, then to each of its tensors.
+
+    None when the tensors do not view one host storage. Counted the same way at load and at
+    eviction, so the two compare: equal means nothing but the cache's own entry holds the
+    memory (not a module's parameter or buffer, not a view, not a caller's variable).
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    views = list(tensors.values())
+    if use_count is None or not views or any(t.device.type != "cpu" for t in views):
+        return None
+    storage = views[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in views):
+        return None
+    return (int(use_count(storage._cdata)), *(sys.getrefcount(t) for t in tensors.values()))
+
+
+def _sole_buffer(tensors: dict[str, torch.Tensor], refs_at_load: tuple[int, ...] | None) -> torch.Tensor | None:
+    """The host buffer of an evicted block, for reuse, if nothing else references it; else None.
+
+    Reusing memory that something still reads would corrupt it silently, so a buffer is
+    pooled only when every count is back to what it was when the block was loaded (the
+    storage count is torch's; without it nothing is pooled).
+    """
+    if refs_at_load is None or _storage_refs(tensors) != refs_at_load:
+        return None
+    storage = next(iter(tensors.values())).untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(storage)

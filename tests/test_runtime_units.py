@@ -107,8 +107,9 @@ def test_backoff_doubles_up_to_the_cap():
 @pytest.mark.timeout(10)
 def test_block_cache_lru_budget_pins_and_counters(tmp_path):
     store = BlockStore(tmp_path)
-    ids = [store.put({"w": torch.full((256,), float(i))}) for i in range(4)]  # 1 KiB each
-    cache = BlockCache(store, budget_bytes=3 * 1024)
+    ids = [store.put({"w": torch.full((256,), float(i))}) for i in range(4)]  # 1 KiB of tensor each
+    held = store.file_bytes(ids[0])  # what a resident block holds: its file's buffer, header included
+    cache = BlockCache(store, budget_bytes=3 * held)
     for bid in ids[:3]:
         cache.get(bid)
     assert cache.stats.misses == 3 and cache.stats.bytes_loaded == 3 * 1024
@@ -116,7 +117,7 @@ def test_block_cache_lru_budget_pins_and_counters(tmp_path):
     cache.pin([ids[1]])
     cache.get(ids[3])  # evicts the least recently used unpinned block: ids[2]
     assert ids[2] not in cache and ids[1] in cache and ids[0] in cache and cache.stats.evictions == 1
-    assert cache.resident_bytes == 3 * 1024
+    assert cache.resident_bytes == 3 * held
     assert cache.report()["resident_blocks"] == 3
     cache.pin([ids[0], ids[3]])
     with pytest.raises(DeployError, match="held by stages computing now"):

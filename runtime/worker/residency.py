@@ -60,6 +60,7 @@ class Residency:
                     else:
                         self._users.pop(bid, None)
                         self.cache.evict(bid)
+            self.cache.drop_pool()  # released memory goes back to the system, not to a reserve
             return before - self.cache.resident_bytes
 
     def acquire(self, stage: Stage) -> tuple[nn.Module, Load]:
