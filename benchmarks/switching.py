@@ -131,6 +131,7 @@ def _orders(cl: Any, sequence: list[str], rep: int, stage_bytes: dict[str, int])
             rows.append({"rep": rep, "from": prev or "-", "to": to, "worker": w,
                          "loaded_mb": r["loaded_bytes"] / 1e6, "ms": r["ms"], "load_ms": r["load_ms"],
                          "resident_mb": r["resident_bytes"] / 1e6, "client_ms": client_ms,
+                         "blocks": r.get("blocks", 0), "reused": r.get("reused", 0),
                          "stage_mb": stage_bytes[w] / 1e6})
         prev = to
     return rows
@@ -145,12 +146,12 @@ def _print(res: dict[str, Any]) -> None:
     print(f"\nread-rate cap: {cap}; budget per worker {res['budget_bytes'] / 1e6:.0f} MB; stage bytes "
           + ", ".join(f"{w} {b / 1e6:.0f} MB" for w, b in res["stage_bytes"].items()))
     print(f"{'rep':>3} {'switch':<10}{'worker':<7}{'missing MB':>11}{'% of stage':>11}{'switch ms':>10}{'load ms':>9}"
-          f"{'MB/s':>8}   (rep -1: warm-up, the worker's memory still growing; not in the fit)")
+          f"{'MB/s':>8}{'reused':>8}   (rep -1: warm-up, the worker's memory still growing; not in the fit)")
     for r in res["warmup"] + res["rows"]:
         rate = r["loaded_mb"] / (r["load_ms"] / 1000) if r["load_ms"] > 0 else 0.0
         print(f"{r['rep']:>3} {r['from'] + '>' + r['to']:<10}{r['worker']:<7}{r['loaded_mb']:>11.1f}"
               f"{100 * r['loaded_mb'] / r['stage_mb']:>10.0f}%{r['ms']:>10.1f}{r['load_ms']:>9.1f}"
-              f"{rate:>8.0f}")
+              f"{rate:>8.0f}{r['reused']:>4}/{r['blocks']:<3}")
     f = res["fit"]
     print(f"fit over {f['n']} points: switch ms = {f['intercept_ms']:.1f} + {f['ms_per_mb']:.3f} x missing MB, "
           f"R^2 = {f['r2']:.4f}")

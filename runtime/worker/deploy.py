@@ -222,8 +222,7 @@ class Deployer:
         for s in stages:
             module, load = w.residency.acquire(s)
             try:
-                total.bytes += load.bytes
-                total.seconds += load.seconds
+                total.add(load)
                 with torch.inference_mode():
                     module(torch.zeros(1, *s.in_shape, device=w.device))  # first-call allocations
             finally:
@@ -255,8 +254,7 @@ class Deployer:
         for s in stages:
             _, part = self.w.residency.acquire(s)
             self.w.residency.release(s)
-            load.bytes += part.bytes
-            load.seconds += part.seconds
+            load.add(part)
         return load, time.perf_counter() - t0
 
     def _advance_prefetches(self, sock: zmq.Socket) -> None:
@@ -271,6 +269,7 @@ class Deployer:
                 continue
             _reply(sock, P.encode(Msg.PREFETCH, rid, 0, {"body": {
                 "model": model, "loaded_bytes": load.bytes, "load_ms": load.seconds * 1000, "ms": seconds * 1000,
+                "blocks": load.blocks, "reused": load.reused,
                 "resident_bytes": self.w.cache.resident_bytes}}))
 
 

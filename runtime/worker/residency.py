@@ -26,6 +26,14 @@ class Load:
 
     bytes: int = 0
     seconds: float = 0.0
+    blocks: int = 0  # blocks read
+    reused: int = 0  # of them, read into an evicted block's memory (no fresh pages)
+
+    def add(self, other: "Load") -> None:
+        self.bytes += other.bytes
+        self.seconds += other.seconds
+        self.blocks += other.blocks
+        self.reused += other.reused
 
 
 class Residency:
@@ -78,10 +86,13 @@ class Residency:
                     if stage.loaded[i] and bid in self.cache:
                         self.cache.get(bid)  # a hit: keeps LRU order true
                         continue
-                    before, t0 = self.cache.stats.bytes_loaded, time.perf_counter()
+                    stats = self.cache.stats
+                    before, reused, t0 = stats.bytes_loaded, stats.buffers_reused, time.perf_counter()
                     tensors = self.cache.get(bid)
-                    load.bytes += self.cache.stats.bytes_loaded - before
+                    load.bytes += stats.bytes_loaded - before
                     load.seconds += time.perf_counter() - t0
+                    load.blocks += stats.bytes_loaded > before  # else a hit: another stage had loaded it
+                    load.reused += stats.buffers_reused - reused
                     child = stage.children[i]
                     child.load_state_dict(tensors, strict=True, assign=True)  # alias: no copy
                     stage.loaded[i] = True
