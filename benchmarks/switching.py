@@ -110,13 +110,15 @@ def _one_cap(root: Path, cap: int, reps: int, sizes: dict[str, int], n_blocks: i
             print(f"  cap {_cap_name(cap)}: rep {rep + 1}/{reps} done", flush=True)
         cl.close()
     fit = _fit([(r["loaded_mb"], r["ms"]) for r in rows])
-    cold = [r["ms"] for r in rows if (r["from"], r["to"], r["worker"]) == ("U", "V0", "w1")
-            and r["loaded_mb"] >= 0.99 * r["stage_mb"]]
+    cold: dict[int, float] = {}  # per rep, its first full load of V0 on w1 (after U2 and U)
+    for r in rows:
+        if (r["from"], r["to"], r["worker"]) == ("U", "V0", "w1") and r["loaded_mb"] >= 0.99 * r["stage_mb"]:
+            cold.setdefault(r["rep"], r["ms"])
     warm80 = [r for r in rows if (r["from"], r["to"], r["worker"]) == ("V0", "V1", "w1")]
-    ratios = [c / w["ms"] for c, w in zip(cold, warm80)]  # one cold load and one V0 > V1 per rep
+    ratios = [cold[w["rep"]] / w["ms"] for w in warm80 if w["rep"] in cold]  # one V0 > V1 per rep
     return {"cap_bytes_per_s": cap, "budget_bytes": budget, "stage_bytes": stage_bytes, "rows": rows, "fit": fit,
             "warmup": warmup,
-            "cold_ms": cold, "switch80": [{k: w[k] for k in ("rep", "loaded_mb", "ms", "stage_mb")} for w in warm80],
+            "cold_ms": list(cold.values()), "switch80": [{k: w[k] for k in ("rep", "loaded_mb", "ms", "stage_mb")} for w in warm80],
             "ratio_cold_over_switch80": ratios}
 
 
