@@ -13,19 +13,22 @@ then the data region; offsets are relative to its start.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .errors import EdgesplitError
 
+R = TypeVar("R")
+
 PREFIX_BYTES = 8  # the u64 header length
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
+MAX_HEADER_BYTES = 4 * 1024 * 1024  # parsing costs ~11x the header in memory; ours are a few KiB
 MAX_DIMS = 64  # more than any real tensor; bounds the work a hostile header can ask for
 METADATA_KEY = "__metadata__"
 
@@ -115,6 +118,24 @@ def _spec(name: str, entry: Any, data_bytes: int) -> TensorSpec:
     return TensorSpec(name, dtype, dims, begin, end)
 
 
+def _refusing(fn: Callable[..., R]) -> Callable[..., R]:
+    """Whatever an untrusted header makes the parser or torch raise becomes one BlockFormatError."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BlockFormatError:
+            raise
+        except torch.OutOfMemoryError:
+            raise  # a device that is full, not a malformed file
+        except (ValueError, TypeError, OverflowError, RecursionError, RuntimeError, UnicodeError, KeyError) as e:
+            raise BlockFormatError(f"malformed block file ({type(e).__name__}: {str(e)[:200]})") from None
+
+    return wrapped
+
+
+@_refusing
 def parse_header(header: bytes, file_bytes: int) -> BlockLayout:
     """Validate a block file's JSON header against the file's size.
 
@@ -152,6 +173,7 @@ def parse_header(header: bytes, file_bytes: int) -> BlockLayout:
     return BlockLayout(data_start, data_bytes, tuple(specs), dict(metadata))
 
 
+@_refusing
 def tensors_from(layout: BlockLayout, data: torch.Tensor) -> dict[str, torch.Tensor]:
     """The block's tensors as views into ``data`` (its data region: uint8, any device).
 

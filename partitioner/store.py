@@ -47,10 +47,8 @@ BLOCK_FILE = re.compile(rf"[0-9a-f]{{{ID_HEX_CHARS}}}{re.escape(BLOCK_SUFFIX)}")
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's raw bytes as a view (no copy for a contiguous CPU tensor: hashing runs at sha256's speed)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit words
-        t = t.view(torch.int16)
-    return memoryview(t.numpy().reshape(-1)).cast("B")  # 1-D first: cast refuses 0-d and empty shapes
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())  # raw bytes whatever the dtype (numpy lacks bfloat16, float8)
 
 
 def block_id(tensors: dict[str, torch.Tensor]) -> str:
@@ -152,6 +150,11 @@ class BlockStore:
     def has(self, bid: str) -> bool:
         return self.path(bid).is_file()
 
+    def discard(self, bid: str) -> None:
+        """Remove a block's file and sidecar (a corrupt copy, before fetching it again)."""
+        self.path(bid).unlink(missing_ok=True)
+        self.digest_path(bid).unlink(missing_ok=True)
+
     def put(self, tensors: dict[str, torch.Tensor]) -> str:
         """Store a block (once) and return its id."""
         bid = block_id(tensors)
@@ -190,7 +193,10 @@ class BlockStore:
             layout = parse_header(data[PREFIX_BYTES:PREFIX_BYTES + header_length(data[:PREFIX_BYTES], n)], n)
         except BlockFormatError as e:
             raise self._corrupt(bid, source, e) from None
-        tensors = tensors_from(layout, _bytes_tensor(memoryview(data)[layout.data_start:]))
+        try:
+            tensors = tensors_from(layout, _bytes_tensor(memoryview(data)[layout.data_start:]))
+        except BlockFormatError as e:
+            raise self._corrupt(bid, source, e) from None
         self._check_sha(bid, tensors, source)
         return tensors
 
@@ -243,7 +249,10 @@ class BlockStore:
             layout, data = self._read(bid, reader, n, dev, into)
         if digest.hexdigest() != known.xxh3_hex:
             return None
-        tensors = tensors_from(layout, data)
+        try:
+            tensors = tensors_from(layout, data)
+        except BlockFormatError:
+            return None  # the SHA-256 path decides
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # the staged copies have landed
         return tensors
@@ -255,7 +264,11 @@ class BlockStore:
             n = file_size(f)
             layout, data = self._read(bid, ChunkReader(f, self._cap, self.chunk_bytes, digest), n,
                                       torch.device("cpu"))
-        self._check_sha(bid, tensors_from(layout, data), str(self.path(bid)))
+        try:
+            tensors = tensors_from(layout, data)
+        except BlockFormatError as e:
+            raise self._corrupt(bid, str(self.path(bid)), e) from None
+        self._check_sha(bid, tensors, str(self.path(bid)))
         try:
             atomic_write(self.digest_path(bid), _Digest(n, digest.hexdigest()).line(bid))
         except OSError as e:  # a read-only store still loads, through SHA-256 every time
@@ -309,7 +322,11 @@ class BlockStore:
 
     @staticmethod
     def _check_sha(bid: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        actual = block_id(tensors)
+        try:
+            actual = block_id(tensors)
+        except (TypeError, ValueError, RuntimeError, UnicodeError) as e:  # names or dtypes no honest block has
+            raise BlockHashMismatch(f"block from {source} cannot be hashed ({type(e).__name__}: {str(e)[:200]}); "
+                                    "the file is corrupt: delete it and partition/fetch the model again") from None
         if actual != bid:
             raise BlockHashMismatch(f"block from {source} hashes to {actual}, expected {bid}; "
                                     "the file is corrupt: delete it and partition/fetch the model again")

@@ -76,12 +76,18 @@ class BlockCache:
         self._next_use: dict[str, int] = {}  # the coordinator's hint: block id -> rank of its next use
         self._pool: list[torch.Tensor] = []  # evicted blocks' host buffers (uint8), for the next loads
         self._refs: dict[str, tuple[int, ...] | None] = {}  # block id -> references to its host storage when loaded
+        self._loading: dict[str, tuple[threading.Event, int]] = {}  # block id -> (done, bytes reserved) while read
         self.lock = threading.RLock()  # also guards what aliases the tensors (the worker's stage modules)
         self.stats = CacheStats()
 
     @property
     def resident_bytes(self) -> int:
         return sum(self._sizes.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Room held for blocks being read now (outside the lock)."""
+        return sum(r for _, r in self._loading.values())
 
     @property
     def pooled_bytes(self) -> int:
@@ -103,22 +109,41 @@ class BlockCache:
             BlockHashMismatch: the stored file is corrupt.
             DeployError: it cannot fit in the budget even after evicting every unpinned block.
         """
-        with self.lock:
-            hit = self._blocks.get(block_id)
-            if hit is not None:
-                self._blocks.move_to_end(block_id)
-                self.stats.hits += 1
-                return hit
-            self.stats.misses += 1
-            t0 = time.perf_counter()
-            into = self._room_for(block_id)
-            reused = into is not None
+        while True:
+            with self.lock:
+                hit = self._blocks.get(block_id)
+                if hit is not None:
+                    self._blocks.move_to_end(block_id)
+                    self.stats.hits += 1
+                    return hit
+                other = self._loading.get(block_id)
+                if other is None:
+                    self.stats.misses += 1
+                    t0 = time.perf_counter()
+                    into = self._room_for(block_id)
+                    need = into.numel() if into is not None else self.store.file_bytes(block_id)
+                    done = threading.Event()
+                    self._loading[block_id] = (done, need)
+                    break
+            other[0].wait()  # another thread reads it: take its result (or try ourselves if it failed)
+        try:  # the read, the slow part, runs without the lock: heartbeats and resident stages go on
             tensors = self.store.get(block_id, device=self.device, into=into)
-            del into  # counted below, it would hold the memory as if someone else did
-            refs = _storage_refs(tensors)
-            size = next(iter(tensors.values())).untyped_storage().nbytes() if refs is not None else \
-                tensors_bytes(tensors)  # host: the whole buffer (header and slack included) is held
-            self._make_room(size, block_id)  # the file's size was a guess; the tensors' bytes count
+        except BaseException:
+            with self.lock:
+                del self._loading[block_id]
+            done.set()
+            raise
+        reused = into is not None
+        del into  # counted below, it would hold the memory as if someone else did
+        refs = _storage_refs(tensors)
+        size = next(iter(tensors.values())).untyped_storage().nbytes() if refs is not None else \
+            tensors_bytes(tensors)  # host: the whole buffer (header and slack included) is held
+        with self.lock:
+            del self._loading[block_id]
+            try:
+                self._make_room(size, block_id)  # the reservation was the file's size; this is what is held
+            finally:
+                done.set()
             self._blocks[block_id] = tensors
             self._sizes[block_id] = size
             self._refs[block_id] = refs
@@ -130,7 +155,7 @@ class BlockCache:
 
     def _room_for(self, block_id: str) -> torch.Tensor | None:
         """Make room for a block about to load; a pooled buffer to read it into, if one fits."""
-        need = self.store.file_bytes(block_id) if self.device.type == "cpu" else 0
+        need = self.store.file_bytes(block_id)  # ~ the tensors' bytes: room is made before anything is allocated
         victims = self._victims()
         while True:
             fits = [b for b in self._pool if need <= b.numel() <= need + POOL_SLACK_BYTES]
@@ -139,7 +164,7 @@ class BlockCache:
                 self._pool = [b for b in self._pool if b is not buf]
                 self._make_room(buf.numel(), block_id)
                 return buf
-            if self.resident_bytes + self.pooled_bytes + need <= self.budget_bytes:
+            if self.resident_bytes + self.pooled_bytes + self.reserved_bytes + need <= self.budget_bytes:
                 return None
             if victims:
                 self.evict(victims.pop(0))  # its buffer joins the pool: the next turn may take it
@@ -162,17 +187,18 @@ class BlockCache:
             raise DeployError(f"block {block_id[:12]} needs {human_size(size)}, the worker's memory budget is "
                               f"{human_size(self.budget_bytes)}; raise --memory-budget or cut the model finer")
         victims = self._victims()
-        while self.resident_bytes + self.pooled_bytes + size > self.budget_bytes:
+        while self.resident_bytes + self.pooled_bytes + self.reserved_bytes + size > self.budget_bytes:
+            held = self.resident_bytes + self.reserved_bytes
             if victims:
                 self.evict(victims.pop(0))  # its buffer joins the pool: the next load may reuse it
-                if self.resident_bytes + size <= self.budget_bytes:
-                    self._trim_pool(self.budget_bytes - self.resident_bytes - size)
+                if self.resident_bytes + self.reserved_bytes + size <= self.budget_bytes:
+                    self._trim_pool(self.budget_bytes - self.resident_bytes - self.reserved_bytes - size)
             elif self._pool:
-                self._trim_pool(self.budget_bytes - self.resident_bytes - size)
+                self._trim_pool(self.budget_bytes - held - size)
             else:
                 raise DeployError(f"cannot load block {block_id[:12]} ({human_size(size)}): "
-                                  f"{human_size(self.resident_bytes)} of the {human_size(self.budget_bytes)} budget "
-                                  "is held by stages computing now; try again, or raise --memory-budget")
+                                  f"{human_size(held)} of the {human_size(self.budget_bytes)} budget is held by "
+                                  "stages computing or loading now; try again, or raise --memory-budget")
 
     def drop_pool(self) -> int:
         """Free every pooled buffer (after an undeploy the memory goes back); returns the bytes."""
@@ -216,6 +242,9 @@ class BlockCache:
                 else:
                     self._pins.pop(b, None)
 
+    def is_pinned(self, block_id: str) -> bool:
+        return self._pins[block_id] > 0
+
     def hint(self, next_use: Mapping[str, int]) -> None:
         """The coordinator's view of the future: block id -> rank of its next use (lower = sooner)."""
         with self.lock:
@@ -225,7 +254,7 @@ class BlockCache:
         """Counters and occupancy for telemetry."""
         with self.lock:
             return {**asdict(self.stats), "resident_bytes": self.resident_bytes, "budget_bytes": self.budget_bytes,
-                    "pooled_bytes": self.pooled_bytes,
+                    "pooled_bytes": self.pooled_bytes, "loading_bytes": self.reserved_bytes,
                     "resident_blocks": len(self._blocks), "pinned_blocks": len(self._pins),
                     "load_bytes_per_s": self.stats.load_bytes_per_s}
 

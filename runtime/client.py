@@ -57,6 +57,7 @@ from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, dra
 from .types import Route, RouteHop, WorkerInfo
 
 log = logging.getLogger("edgesplit.client")
+NOT_DEPLOYED_RETRY_S = 0.05  # first replay after a worker's NOT_DEPLOYED; doubles per attempt
 OVERLOADED_RETRY_S = 0.01  # a first-stage worker that said OVERLOADED is tried again after this
 
 
@@ -655,8 +656,10 @@ class Client:
         if not current and msg.get("att", 0) < req.att:
             return  # news of an attempt already replayed
         exc = P.error_from_wire(code, reason)
-        if code in (Err.WORKER_LOST, Err.NOT_DEPLOYED):
+        if code == Err.WORKER_LOST:
             self._replay(req, exc)
+        elif code == Err.NOT_DEPLOYED:  # a re-plan, or a worker fetching a block again: give it a moment
+            self._replay(req, exc, delay_s=min(NOT_DEPLOYED_RETRY_S * 2 ** req.att, 1.0))
         elif code == Err.OVERLOADED and msg.get("hop", 0) == 0:
             self._replay(req, exc, delay_s=OVERLOADED_RETRY_S, refresh_route=False, new_attempt=False)
         else:

@@ -146,6 +146,7 @@ class Coordinator:
         self.plans: dict[bytes, _PendingPlan] = {}  # DEPLOY rid -> orders out
         self.link_orders: dict[bytes, _LinkOrder] = {}
         self.prefetches: dict[bytes, _PrefetchOrder] = {}
+        self.undeployed: set[str] = set()  # models undeployed since start: a worker back with one drops it
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
         self.route_waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # model -> [(client, rid, deadline)]
         self.seen: set[str] = set()  # workers registered since this coordinator started
@@ -243,7 +244,7 @@ class Coordinator:
             msg = P.decode(frames, max_frame_bytes=P.CHUNK_BYTES * 2)
         except ProtocolError as e:
             log.warning("W: refused a message from %r: %s", ident[:32], e)
-            send(self.sock, P.encode_error(bytes(P.RID_BYTES), Err.BAD_MESSAGE, f"coordinator: {e}"), route=[ident])
+            send(self.sock, P.encode_error(P.salvage_rid(frames), Err.BAD_MESSAGE, f"coordinator: {e}"), route=[ident])
             return
         handler = self._HANDLERS.get(msg.type)
         if handler is None:
@@ -314,6 +315,10 @@ class Coordinator:
         for key in [k for k in self._retry if k[1] == info.name]:
             del self._retry[key]  # a fresh process deserves a fresh try
         self._reconcile(time.monotonic())
+        self._end_prefetches(info.name, "registered again")
+        for model in sorted({s.model for s in info.stages} & self.undeployed):  # it missed the undeploy
+            log.info("worker %s still hosts %s, undeployed meanwhile: undeploying it there", info.name, model)
+            self._undeploy_on(model, [info.name], P.new_rid(), None)
 
     def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
         rec = self.workers.get(_worker_name(ident))
@@ -412,7 +417,16 @@ class Coordinator:
         for rid, plan in list(self.plans.items()):
             if name in plan.waiting:
                 self._fail_plan(rid, Err.WORKER_LOST, f"worker {name} was lost while loading {plan.model}")
+        self._end_prefetches(name, "was lost")
         self._reconcile(time.monotonic())
+
+    def _end_prefetches(self, name: str, what: str) -> None:
+        """PREFETCH orders waiting on ``name`` end with WORKER_LOST (it will never answer them)."""
+        for rid, order in list(self.prefetches.items()):
+            if name in order.waiting:
+                del self.prefetches[rid]
+                self._reply(order.client, P.encode_error(rid, Err.WORKER_LOST, f"worker {name} {what} while "
+                                                                               f"loading {order.model}"))
 
     def _notify_lost(self, name: str, endpoint: str) -> None:
         self._broadcast({"lost": name, "lost_endpoint": endpoint}, skip=name)
@@ -538,6 +552,7 @@ class Coordinator:
         links = tuple(LinkSpec.from_msg(v) for v in links_raw)
         named = {w for h in hops for w in h.workers}
         load = P.body_get(body, "load", bool, True)
+        self.undeployed.discard(model)
         record = PlanRecord(model, self._take_plan_id(), manifest.n_blocks, tuple(hops), links,
                             {w: self.workers[w].info.endpoint for w in named},
                             replicas or max(len(h.workers) for h in hops))
@@ -609,11 +624,17 @@ class Coordinator:
                                   f"({budget} B); use more stages or workers, or raise that worker's --memory-budget")
 
     def _on_undeploy(self, ident: bytes, msg: P.Message) -> None:
-        """Release a model: forget its plan and tell every worker hosting it to drop its stages."""
+        """Release a model: forget its plan and tell every worker hosting it to drop its stages.
+
+        The model stays undeployed (until deployed again) for workers that were away: one that
+        registers still hosting it is told to drop it then.
+        """
         self.clients.refresh(ident)
         model = P.check_model_name(P.body_get(msg.body, "model", str))
+        self._manifest(model)  # UnknownModel when it is not in the store
         self.records.pop(model, None)
         self.plan_store.remove(model)
+        self.undeployed.add(model)
         for rid, pending in list(self.plans.items()):  # a deploy or repair in progress ends here
             if pending.model == model:
                 self._fail_plan(rid, Err.DEPLOY_FAILED, f"{model} was undeployed meanwhile")
@@ -621,21 +642,27 @@ class Coordinator:
         if not targets:
             self._reply(ident, P.encode(Msg.UNDEPLOY, msg.rid, 0, {"body": {"loaded": {}}}))
             return
-        plan = self._take_plan_id()
-        self.plans[msg.rid] = _PendingPlan(model, plan, set(targets), self._deploy_deadline(), client=ident,
-                                           rid=msg.rid, kind="undeploy")
         log.info("undeploy %s from %s", model, targets)
-        frames = P.encode(Msg.DEPLOY, msg.rid, self.cfg.deploy_timeout_ms, {"body": {
+        self._undeploy_on(model, targets, msg.rid, ident)
+
+    def _undeploy_on(self, model: str, targets: list[str], rid: bytes, client: bytes | None) -> None:
+        """DEPLOY an empty stage list of ``model`` to ``targets``; ``client`` (if any) gets the figures."""
+        plan = self._take_plan_id()
+        self.plans[rid] = _PendingPlan(model, plan, set(targets), self._deploy_deadline(), client=client,
+                                       rid=rid, kind="undeploy")
+        frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms, {"body": {
             "model": model, "plan": plan, "stages": [], "links_in": [], "links_out": []}},
             [self._manifest(model).to_json().encode()])
         for name in targets:
             if not send(self.sock, frames, route=[self.workers[name].ident]):
-                self._fail_plan(msg.rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
+                self._fail_plan(rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
                 return
 
     def _on_prefetch(self, ident: bytes, msg: P.Message) -> None:
         """A client's PREFETCH goes to every worker hosting the model; a worker's reply is collected here."""
         worker = self.workers.get(_worker_name(ident))
+        if "loaded_bytes" in msg.body and (worker is None or worker.ident != ident):
+            return  # a reply from a worker purged meanwhile (its order already ended)
         if worker is not None and worker.ident == ident:
             order = self.prefetches.get(msg.rid)
             if order is None or worker.info.name not in order.waiting:
@@ -824,6 +851,8 @@ class Coordinator:
         """
         P.check_model_name(model)
         manifest = self._manifest(model)
+        if model in self.undeployed and model not in self.records:
+            raise NotDeployed(f"model {model} was undeployed; deploy it again to serve it")
         live = self._live_view()
         rec = self.records.get(model)
         if rec is not None:

@@ -198,3 +198,18 @@ def test_evicted_memory_is_reused_only_when_nothing_else_holds_it(tmp_path):
     for bid in ids * 2:  # memory that was reused once is reused again (a steady switching workload)
         cache.get(bid)
     assert cache.stats.buffers_reused - reused >= 2 * len(ids) - 3
+
+
+def test_a_corrupt_local_block_is_fetched_again_and_the_request_still_served(cluster, variants):
+    name = "dummy4"
+    with cluster.client() as client:
+        client.deploy(name, stages=[("w2", 0, variants["n_blocks"][name])], load=False)  # fetched, not loaded
+        store = BlockStore(cluster.workdir / "w2")
+        bid = next(iter(variants["sizes"][name]))
+        data = bytearray(store.path(bid).read_bytes())
+        data[-1] ^= 0x01  # a flipped bit in the tensor bytes, as storage rot would leave it
+        store.path(bid).write_bytes(bytes(data))
+        _check_output(client, variants, name)  # served: the worker dropped the bad copy and fetched it again
+        store.verify(bid)  # the copy on disk is whole again
+        assert _worker(client, "w2", time.monotonic()).telemetry["count_refetched"] >= 1
+        client.undeploy(name)

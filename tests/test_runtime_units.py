@@ -120,7 +120,7 @@ def test_block_cache_lru_budget_pins_and_counters(tmp_path):
     assert cache.resident_bytes == 3 * held
     assert cache.report()["resident_blocks"] == 3
     cache.pin([ids[0], ids[3]])
-    with pytest.raises(DeployError, match="held by stages computing now"):
+    with pytest.raises(DeployError, match="held by stages computing or loading now"):
         cache.get(ids[2])
     big = store.put({"w": torch.zeros(2048)})
     with pytest.raises(DeployError, match="memory budget"):

@@ -157,9 +157,12 @@ class ComputeLoop:
         w = self.w
         try:
             module = w.acquire(stage)
-        except EdgesplitError as e:
-            msg = (f"worker {w.name} could not load stage {stage.info.hop} of {stage.info.model}: {e}; "
-                   "the coordinator re-plans, resend the request")
+        except Exception as e:  # noqa: BLE001  (storage, device memory, a skeleton that does not fit: the worker serves on)
+            if not isinstance(e, EdgesplitError):
+                self.log.error("loading stage %d of %s failed: %s: %s", stage.info.hop, stage.info.model,
+                               type(e).__name__, e)
+            msg = (f"worker {w.name} could not load stage {stage.info.hop} of {stage.info.model}: "
+                   f"{type(e).__name__}: {e}; resend the request (a missing block is being fetched again)")
             return [(Err.NOT_DEPLOYED, msg) for _ in xs]
         try:
             if w.cfg.stall_ms:  # a slow board: the stall is per request, as before batching

@@ -93,6 +93,8 @@ class ControlLoop:
                 if self.need_ready and send(sock, P.encode(Msg.READY, P.new_rid(), w.ttl_ms(),
                                                            {"body": self.ready_body()})):
                     self.need_ready = False
+                while not w.refetch.empty():
+                    self.deployer.refetch(w.refetch.get())
                 self.deployer.advance(sock)
                 now = time.monotonic()
                 if now >= next_hb:

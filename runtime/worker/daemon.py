@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 import zmq
 
-from edgesplit.partitioner import BlockStore
+from edgesplit.partitioner import BlockStore, MissingBlocksError
 
 from .. import dummy  # noqa: F401  (registers the "dummy" builder used by routing tests and benchmarks)
 from .. import protocol as P
@@ -47,7 +47,7 @@ from ..transport import SocketOptions, Waker, advertised, local_address_towards,
 from .compute import ComputeLoop, Done, Job
 from .control import ControlLoop
 from .dataplane import DataPlane
-from .residency import Residency
+from .residency import Load, Residency
 from .stage import Stage, StageStats
 
 log = logging.getLogger("edgesplit.worker")
@@ -118,6 +118,7 @@ class Worker:
         self.inq: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, cfg.queue_depth))
         self.outq: queue.Queue[Done] = queue.Queue(maxsize=max(1, cfg.queue_depth))
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # control -> data plane
+        self.refetch: queue.SimpleQueue[str] = queue.SimpleQueue()  # compute -> control: blocks to fetch again
         self.waker = Waker()
         self.stopping = threading.Event()
         self.failed = False  # set when a thread died or the coordinator refused us: run_worker exits non-zero
@@ -182,15 +183,24 @@ class Worker:
 
     def acquire(self, stage: Stage) -> torch.nn.Module:
         """The stage's module with its blocks resident (loading the missing ones), held until :meth:`release`."""
-        module, load = self.residency.acquire(stage)
+        module, load = self.load(stage)
         if load.bytes:
             self.load_counters["switches"] += 1
             self.load_counters["switch_bytes"] += load.bytes
             self.load_counters["switch_ms"] += int(load.seconds * 1000)
         return module
 
+    def load(self, stage: Stage) -> tuple[torch.nn.Module, Load]:
+        """:meth:`acquire` without the request counters (deploys and prefetches load this way too)."""
+        try:
+            return self.residency.acquire(stage)
+        except MissingBlocksError as e:  # the control loop fetches them from the coordinator again
+            for bid in e.block_ids:
+                self.refetch.put(bid)
+            raise
+
     def release(self, stage: Stage) -> None:
-        """End of a forward pass: the stage's blocks may be evicted again."""
+        """End of a forward pass or a load: the stage's blocks may be evicted again."""
         self.residency.release(stage)
 
     def resident_stages(self) -> list[list[Any]]:

@@ -37,9 +37,13 @@ if TYPE_CHECKING:
 
 
 class _Deploy:
-    """A DEPLOY order in progress: fetch missing blocks chunk by chunk, then build the stages."""
+    """A DEPLOY order in progress: fetch missing blocks chunk by chunk, then build the stages.
 
-    def __init__(self, rid: bytes, manifest: ModelManifest, plan: int, stages: list[StageInfo],
+    With no manifest it is a re-fetch: blocks a stage needed and the local store lacked (or
+    held corrupt) are fetched again, and nothing is built or answered.
+    """
+
+    def __init__(self, rid: bytes, manifest: ModelManifest | None, plan: int, stages: list[StageInfo],
                  links: list[tuple[LinkSpec, LinkSpec]], missing: list[str], load: bool) -> None:
         self.rid, self.manifest, self.plan, self.stages, self.links = rid, manifest, plan, stages, links
         self.load = load
@@ -75,10 +79,21 @@ class Deployer:
 
     def fail(self, sock: zmq.Socket, rid: bytes, code: Err, reason: str) -> bool:
         """End a deploy with an error reply; False when ``rid`` is no deploy of ours."""
-        if self.active.pop(rid, None) is None:
+        d = self.active.pop(rid, None)
+        if d is None:
             return False
-        _reply(sock, P.encode_error(rid, code, f"worker {self.w.name}: {reason}"))
+        if d.manifest is not None:
+            _reply(sock, P.encode_error(rid, code, f"worker {self.w.name}: {reason}"))
         return True
+
+    def refetch(self, bid: str) -> None:
+        """Fetch a block again that a stage needed and the local store lacked (one order per block)."""
+        if any(bid == d.current or bid in d.missing for d in self.active.values()):
+            return
+        self.log.warning("block %s is missing or was corrupt in the local store; fetching it again", bid[:12])
+        self.w.load_counters["refetched"] += 1
+        rid = P.new_rid()
+        self.active[rid] = _Deploy(rid, None, 0, [], [], [bid], False)
 
     def start(self, sock: zmq.Socket, msg: P.Message) -> None:
         w = self.w
@@ -110,7 +125,7 @@ class Deployer:
             return
         missing = [bid for bid in needed if bid not in w.cache and not w.store.has(bid)]
         for rid, d in list(self.active.items()):  # an older order for this model must not install after this one
-            if d.manifest.name == model:
+            if d.manifest is not None and d.manifest.name == model:
                 self.fail(sock, rid, Err.DEPLOY_FAILED, f"deploy of {model} plan {d.plan} superseded by plan {plan}")
         self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing, load)
         self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
@@ -143,13 +158,13 @@ class Deployer:
         d.outstanding -= 1
 
     def advance(self, sock: zmq.Socket) -> None:
-        """One step of every deploy and prefetch in progress."""
+        """One step of every deploy and prefetch in progress (an order that fails ends; the worker serves on)."""
         self._advance_prefetches(sock)
         for d in list(self.active.values()):
             try:
                 self._advance(sock, d)
-            except (EdgesplitError, RuntimeError, ValueError, OSError) as e:
-                self.log.error("deploy of %s failed: %s", d.manifest.name, e)
+            except Exception as e:  # noqa: BLE001  (storage, device memory, a bad manifest: this order only)
+                self.log.error("%s failed: %s", f"deploy of {d.manifest.name}" if d.manifest else "re-fetch", e)
                 self.fail(sock, d.rid, Err.DEPLOY_FAILED, str(e))
 
     def _advance(self, sock: zmq.Socket, d: _Deploy) -> None:
@@ -178,6 +193,10 @@ class Deployer:
             if not f.done():
                 return
             f.result()  # raises BlockHashMismatch for a corrupt transfer
+        if d.manifest is None:  # a re-fetch: the blocks are back in the store
+            self.active.pop(d.rid, None)
+            self.log.info("re-fetched %d B", d.fetched_bytes)
+            return
         if d.build is None:
             d.build = self.loader.submit(self._build, d)
             return
@@ -220,13 +239,13 @@ class Deployer:
         """Loader thread: make ``stages`` resident (only missing blocks are read) and warm them up."""
         w, total = self.w, Load()
         for s in stages:
-            module, load = w.residency.acquire(s)
+            module, load = w.load(s)
             try:
                 total.add(load)
                 with torch.inference_mode():
                     module(torch.zeros(1, *s.in_shape, device=w.device))  # first-call allocations
             finally:
-                w.residency.release(s)
+                w.release(s)
         return total
 
     # --- PREFETCH ------------------------------------------------------------------------------
@@ -252,8 +271,8 @@ class Deployer:
         t0 = time.perf_counter()
         load = Load()
         for s in stages:
-            _, part = self.w.residency.acquire(s)
-            self.w.residency.release(s)
+            _, part = self.w.load(s)
+            self.w.release(s)
             load.add(part)
         return load, time.perf_counter() - t0
 
@@ -264,8 +283,10 @@ class Deployer:
             del self.prefetching[rid]
             try:
                 load, seconds = fut.result()
-            except (EdgesplitError, RuntimeError, OSError) as e:
-                _reply(sock, P.encode_error(rid, Err.DEPLOY_FAILED, f"worker {self.w.name}: prefetch of {model}: {e}"))
+            except Exception as e:  # noqa: BLE001  (storage, device memory: this order only)
+                self.log.error("prefetch of %s failed: %s: %s", model, type(e).__name__, e)
+                _reply(sock, P.encode_error(rid, Err.DEPLOY_FAILED, f"worker {self.w.name}: prefetch of {model}: "
+                                                                    f"{type(e).__name__}: {e}"))
                 continue
             _reply(sock, P.encode(Msg.PREFETCH, rid, 0, {"body": {
                 "model": model, "loaded_bytes": load.bytes, "load_ms": load.seconds * 1000, "ms": seconds * 1000,

@@ -5,8 +5,9 @@ block cache's tensors while resident and sit on the ``meta`` device (no memory) 
 Acquiring a stage pins its blocks, loads the missing ones through the cache (which may
 evict other stages' blocks: those stages fall back to ``meta``), and points the module at
 them. Shared blocks are loaded once and aliased by every stage that uses them, whatever
-the model. All of it runs under the cache's lock, so eviction never touches a module that
-is being pointed at its tensors, and never one that is computing (its blocks are pinned).
+the model. Reads from the store run without the cache's lock (heartbeats and stages
+already resident go on meanwhile); pointing a module at its tensors and eviction run under
+it, and eviction never touches a module that is computing or loading (its blocks are pinned).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from torch import nn
+
+from edgesplit.partitioner import BlockHashMismatch, MissingBlocksError
 
 from ..cache import BlockCache
 from .stage import Stage
@@ -54,12 +57,17 @@ class Residency:
     def unregister(self, stages: Iterable[Stage]) -> int:
         """Forget these stages and evict blocks no registered stage uses; returns the bytes freed.
 
-        A module still computing keeps its tensors alive until its forward pass returns; the
-        module itself is left alone (it is dropped with its last reference).
+        Their children let go of their tensors now, except those computing (pinned), which keep
+        them until the forward pass returns and the module's last reference goes.
         """
         gone = list(stages)
         with self.cache.lock:
             before = self.cache.resident_bytes
+            for s in gone:  # children not computing now let go of their tensors, so the bytes free
+                for i, bid in enumerate(s.block_ids):
+                    if s.loaded[i] and not self.cache.is_pinned(bid):
+                        _to_meta(s.children[i])
+                        s.loaded[i] = False
             for s in gone:
                 for bid in s.block_ids:
                     users = [(t, i) for t, i in self._users.get(bid, []) if t is not s]
@@ -76,29 +84,34 @@ class Residency:
 
         Raises:
             DeployError: the blocks cannot fit the budget beside those computing now.
-            MissingBlocksError, BlockHashMismatch: the local store lacks a block or holds a corrupt one.
+            MissingBlocksError: the local store lacks a block, or held a corrupt copy (now removed).
         """
         load = Load()
-        with self.cache.lock:
-            self.cache.pin(stage.block_ids)
-            try:
-                for i, bid in enumerate(stage.block_ids):
+        self.cache.pin(stage.block_ids)
+        try:
+            for i, bid in enumerate(stage.block_ids):
+                with self.cache.lock:
                     if stage.loaded[i] and bid in self.cache:
                         self.cache.get(bid)  # a hit: keeps LRU order true
                         continue
-                    stats = self.cache.stats
-                    before, reused, t0 = stats.bytes_loaded, stats.buffers_reused, time.perf_counter()
-                    tensors = self.cache.get(bid)
-                    load.bytes += stats.bytes_loaded - before
-                    load.seconds += time.perf_counter() - t0
-                    load.blocks += stats.bytes_loaded > before  # else a hit: another stage had loaded it
-                    load.reused += stats.buffers_reused - reused
-                    child = stage.children[i]
-                    child.load_state_dict(tensors, strict=True, assign=True)  # alias: no copy
-                    stage.loaded[i] = True
-            except BaseException:
-                self.cache.unpin(stage.block_ids)
-                raise
+                stats = self.cache.stats
+                before, reused, t0 = stats.bytes_loaded, stats.buffers_reused, time.perf_counter()
+                try:
+                    tensors = self.cache.get(bid)  # reads without holding the lock; pinned, so it stays
+                except BlockHashMismatch as e:  # a corrupt local copy: drop it, so it can be fetched again
+                    self.cache.store.discard(bid)
+                    raise MissingBlocksError(f"{e} (removed from the local store)", [bid]) from None
+                load.bytes += stats.bytes_loaded - before
+                load.seconds += time.perf_counter() - t0
+                load.blocks += stats.bytes_loaded > before  # else a hit: another stage had loaded it
+                load.reused += stats.buffers_reused - reused
+                with self.cache.lock:  # eviction (which moves children to meta) runs under it too
+                    if not stage.loaded[i]:
+                        stage.children[i].load_state_dict(tensors, strict=True, assign=True)  # alias: no copy
+                        stage.loaded[i] = True
+        except BaseException:
+            self.cache.unpin(stage.block_ids)
+            raise
         return stage.module, load
 
     def release(self, stage: Stage) -> None:
@@ -112,6 +125,10 @@ class Residency:
         """The cache dropped ``bid``: every registered child aliasing it goes back to ``meta``."""
         for stage, i in self._users.get(bid, []):
             if stage.loaded[i]:
-                child = stage.children[i]  # state only: non-persistent buffers (computed at init) stay
-                child.load_state_dict({k: v.to("meta") for k, v in child.state_dict().items()}, assign=True)
+                _to_meta(stage.children[i])
                 stage.loaded[i] = False
+
+
+def _to_meta(child: nn.Module) -> None:
+    """Point a block's state at ``meta`` (no memory); non-persistent buffers, computed at init, stay."""
+    child.load_state_dict({k: v.to("meta") for k, v in child.state_dict().items()}, assign=True)
