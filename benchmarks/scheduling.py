@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/scheduling.py            # full study, under 5 min on one core
     .venv/bin/python benchmarks/scheduling.py --quick    # smoke run (~30 s)
     .venv/bin/python benchmarks/scheduling.py --seeds 4  # fewer instances per point
+    .venv/bin/python benchmarks/scheduling.py --decision-only   # decision time per window, 200 windows
 
 Model libraries come from the real block sizes of timm's ViT-B/16 and ResNet-50 (built on
 the meta device, cut by ``edgesplit.partitioner.decompose``, fp32 tensor bytes per block).
@@ -11,9 +12,11 @@ blocks ("none" ... "all-but-2") or all of it plus LoRA-like adapters ("lora"). T
 profiles set the load rate, the inference times (FLOPs counted by torch on the meta
 device over an assumed effective throughput) and a default uplink. Requests pick a
 model uniformly; users arrived in the last half horizon and have latency budgets of
-U(0.5, 1.25) x tightness x H, H the time to load every model once without sharing. Every scheduler in ``edgesplit.runtime.scheduler`` runs
-on every instance (the DP where its state space is below ``--dp-max-states``). Seeds are
-fixed. Tables go to stdout, plots to benchmarks/out/.
+U(0.5, 1.25) x tightness x H, H the time to load every model once without sharing. Every
+scheduler in ``edgesplit.scheduling`` runs on every instance (the uncapped DP where its
+state space is below ``--dp-max-states``). Seeds are fixed. Tables go to stdout, plots to
+benchmarks/out/. The decision-time table times the greedy and the capped DP (the anytime
+decision a coordinator makes per window) on 200 windows of 50 users over 6 models.
 
 Device numbers are assumptions, not measurements: Jetson Orin Nano-class, 1 GB/s from
 NVMe into unified memory, 1.5 TFLOP/s effective, 100 Mbit/s Wi-Fi uplink; desktop GPU,
@@ -34,8 +37,8 @@ from pathlib import Path
 import torch
 
 from edgesplit.partitioner import decompose
-from edgesplit.runtime.partial_loading import ModelLibrary, Problem, Request, ServerConfig, UplinkConfig
-from edgesplit.runtime import scheduler as sch
+from edgesplit import scheduling as sch
+from edgesplit.scheduling import ModelLibrary, Problem, Request, ServerConfig, UplinkConfig
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 INPUT_BYTES = 3 * 224 * 224  # one uint8 RGB image at 224 x 224
@@ -79,11 +82,15 @@ class StudyConfig:
     timing_models: tuple[int, ...] = (2, 4, 6)
     timing_instances: int = 3
     timing_reps: int = 7
+    decision_windows: int = 200  # decision-time table: windows of 50 users over 6 models
+    opt_windows: int = 10  # of those, solved to optimality by the uncapped DP (seconds each)
+    cap_ms: float = 8.0  # the DP's decision-time cap
     out_dir: str = str(OUT_DIR)
 
 
 QUICK = StudyConfig(seeds=2, users=(5, 20, 50, 100), tightness=(0.5, 1.0, 2.0), uplink_factors=(0.3, 1.0, math.inf),
-                    share_modes=("none", "all-but-2", "lora"), timing_models=(2, 6), timing_instances=2, timing_reps=3)
+                    share_modes=("none", "all-but-2", "lora"), timing_models=(2, 6), timing_instances=2, timing_reps=3,
+                    decision_windows=40, opt_windows=3)
 
 
 # --- model libraries from timm ---------------------------------------------------------------------------------
@@ -201,7 +208,7 @@ def run_all(p: Problem, cfg: StudyConfig, tally: Tally, pairs: dict[str, list]) 
     """Run every scheduler on one instance; record counts and the aware-vs-oblivious pairs."""
     k = len(p.requests)
     dp_ok = sch.dp_state_count(p) <= cfg.dp_max_states and not sch.dp_preconditions(p)
-    dp_config = sch.DPConfig(max_visits=cfg.dp_max_visits)
+    dp_config = sch.DPConfig(max_visits=cfg.dp_max_visits, cap_ms=None)  # the study wants the optimum
     got = {}
     for name in SCHEDULERS:
         if name.endswith("dp"):
@@ -292,9 +299,8 @@ def decision_times(cfg: StudyConfig, bases, libs) -> list[tuple]:
                 states.append(sch.dp_state_count(p))
                 g_ms, g_served = median_time_ms(sch.solve_greedy, factory, cfg.timing_reps)
                 try:
-                    d_ms, d_served = median_time_ms(
-                        lambda q: sch.solve_dp(q, sch.DPConfig(max_visits=10 * cfg.dp_max_visits)), factory,
-                        cfg.timing_reps)
+                    uncapped = sch.DPConfig(max_visits=10 * cfg.dp_max_visits, cap_ms=None)
+                    d_ms, d_served = median_time_ms(lambda q: sch.solve_dp(q, uncapped), factory, cfg.timing_reps)
                 except sch.ScheduleError:
                     d_ms, d_served = math.nan, -1  # gave up: shown as nan and -1
 
@@ -303,6 +309,83 @@ def decision_times(cfg: StudyConfig, bases, libs) -> list[tuple]:
                 gaps.append((g_served, d_served))
             rows.append((n_models, uplink, states, dp_ms, gr_ms, gaps))
     return rows
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile of ``xs`` (nearest rank)."""
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, math.ceil(q * len(ys)) - 1))]
+
+
+def decision_windows(cfg: StudyConfig, bases) -> dict:
+    """Per decision window: greedy and capped-DP wall time, the DP's answer, and quality where it is known.
+
+    Windows: 50 pending users over 6 models (jetson profile, finite default uplink, per-request
+    deadlines from ``make_problem``), one seed each. Every call gets a freshly built problem, so
+    compiling it is part of the decision. Quality: against the uncapped DP (the optimum in its
+    case) on the first ``cfg.opt_windows`` windows, and against the exact solver on windows of
+    12 users over the same 6 models.
+    """
+    device = DEVICES[0]
+    lib = build_library(bases, cfg.default_share, 3)
+    models = model_order(lib)[:6]
+
+    def window(seed: int, users: int = 50) -> Problem:
+        return make_problem(70_000 + seed, lib, bases, device, users, cfg.default_tightness,
+                            device.uplink_bytes_per_s, models)
+
+    capped = sch.DPConfig(cap_ms=cfg.cap_ms)
+    sch.solve_dp(window(-1), capped)  # warm-up
+    out: dict = {"greedy_ms": [], "dp_ms": [], "fallback": 0, "greedy": [], "dp": [], "bound": [], "opt": [],
+                 "small": []}
+    for seed in range(cfg.decision_windows):
+        p = window(seed)
+        t = time.perf_counter()
+        g = sch.solve_greedy(p)
+        out["greedy_ms"].append(1000 * (time.perf_counter() - t))
+        p = window(seed)
+        t = time.perf_counter()
+        d = sch.solve_dp(p, capped)
+        out["dp_ms"].append(1000 * (time.perf_counter() - t))
+        out["fallback"] += d.method != "dp"
+        out["greedy"].append(g.served)
+        out["dp"].append(d.served)
+        out["bound"].append(d.bound)
+        if seed < cfg.opt_windows:
+            out["opt"].append(sch.solve_dp(p, sch.DPConfig(cap_ms=None)).served)
+    for seed in range(cfg.decision_windows):
+        p = window(seed, 12)
+        opt = sch.solve_exact(p).served
+        out["small"].append((sch.solve_greedy(p).served, sch.solve_dp(p, capped).served, opt))
+    return out
+
+
+def print_decision_table(cfg: StudyConfig, res: dict) -> None:
+    n = len(res["greedy_ms"])
+    print(f"\ndecision time per window: 50 users over 6 models, jetson, uplink "
+          f"{DEVICES[0].uplink_bytes_per_s / 1e6:g} MB/s, per-request deadlines, {n} windows; "
+          f"DP cap {cfg.cap_ms} ms (load average {os.getloadavg()[0]:.2f})")
+    print(f"  {'scheduler':>10} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | served mean | fell back")
+    for name, key in (("greedy", "greedy_ms"), ("capped DP", "dp_ms")):
+        xs = res[key]
+        fb = f"{res['fallback']}/{n}" if key == "dp_ms" else "-"
+        served = res["greedy" if key == "greedy_ms" else "dp"]
+        print(f"  {name:>10} | {pct(xs, .5):7.2f} | {pct(xs, .99):7.2f} | {max(xs):7.2f} | "
+              f"{statistics.fmean(served):11.2f} | {fb}")
+    gap = [b - s for b, s in zip(res["bound"], res["dp"])]
+    of_bound = statistics.fmean(s / b for s, b in zip(res["dp"], res["bound"]))
+    print(f"  capped DP: served / its upper bound mean {of_bound:.3f}, bound - served mean {statistics.fmean(gap):.2f}, "
+          f"max {max(gap)}")
+    if res["opt"]:
+        m = len(res["opt"])
+        for name in ("greedy", "dp"):
+            r = [s / o if o else 1.0 for s, o in zip(res[name][:m], res["opt"])]
+            print(f"  {name:>10} / optimum (uncapped DP), first {m} windows: mean {statistics.fmean(r):.4f}, "
+                  f"worst {min(r):.3f}")
+    for i, name in enumerate(("greedy", "capped DP")):
+        r = [row[i] / row[2] if row[2] else 1.0 for row in res["small"]]
+        print(f"  {name:>10} / exact, {len(r)} windows of 12 users over 6 models: mean {statistics.fmean(r):.4f}, "
+              f"worst {min(r):.3f}, below optimum on {sum(x < 1 for x in r)}")
 
 
 # --- plots -----------------------------------------------------------------------------------------------------
@@ -349,19 +432,26 @@ def parse_args(argv: list[str]) -> StudyConfig:
     ap.add_argument("--seeds", type=int, help="instances per point")
     ap.add_argument("--dp-max-states", type=int, help="run the DP only below this state count")
     ap.add_argument("--out-dir", type=str, help="where plots go")
+    ap.add_argument("--decision-only", action="store_true", help="only the decision-time table")
+    ap.add_argument("--decision-windows", type=int, help="windows in the decision-time table (>= 200 for p99)")
+    ap.add_argument("--cap-ms", type=float, help="the DP's decision-time cap")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else StudyConfig()
     over = {k: v for k, v in (("seeds", args.seeds), ("dp_max_states", args.dp_max_states),
-                              ("out_dir", args.out_dir)) if v is not None}
-    return replace(cfg, **over)
+                              ("out_dir", args.out_dir), ("decision_windows", args.decision_windows),
+                              ("cap_ms", args.cap_ms)) if v is not None}
+    return replace(cfg, **over), args.decision_only
 
 
 def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg, decision_only = parse_args(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
     print(f"config: {cfg}")
     bases = {name: profile_base(arch) for name, arch in ARCHS.items()}
+    if decision_only:
+        print_decision_table(cfg, decision_windows(cfg, bases))
+        return
 
     print("\nbase models (fp32 tensor bytes per block, FLOPs per 224x224 image)")
     for name, b in bases.items():
@@ -415,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  greedy / DP optimum on {len(ratios)} study instances: mean {statistics.fmean(ratios):.4f}, "
               f"worst {min(ratios):.3f}, below optimum on {sum(r < 1 for r in ratios)}")
 
-    print(f"\ndecision time, 50 users, jetson profile, tightness {cfg.default_tightness}, share "
+    print(f"\nuncapped DP decision time, 50 users, jetson profile, tightness {cfg.default_tightness}, share "
           f"'{cfg.default_share}' (warm-up + median of {cfg.timing_reps} calls; {cfg.timing_instances} instances)")
     print(f"  {'models':>6} | {'uplink':>9} | {'DP states':>10} | {'DP ms med/max':>14} | {'greedy ms med/max':>17} "
           f"| greedy/DP served")
@@ -424,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {n_models:6d} | {up:>9} | {max(states):10d} | {statistics.median(dp_ms):6.1f} / {max(dp_ms):6.1f} "
               f"| {statistics.median(gr_ms):8.1f} / {max(gr_ms):6.1f} | "
               + " ".join(f"{g}/{d}" for g, d in gaps))
+
+    print_decision_table(cfg, decision_windows(cfg, bases))
 
     files = plot(results, Path(cfg.out_dir))
     print(f"\nplots: {', '.join(str(f) for f in files)}")

@@ -7,9 +7,11 @@ import statistics
 import numpy as np
 import pytest
 
-from edgesplit.runtime import scheduler as sch
-from edgesplit.runtime.partial_loading import (ModelLibrary, Problem, Request, ScheduleError, ServerConfig,
-                                               UplinkConfig, backbone_structure, evaluate)
+from edgesplit import scheduling as sch
+from edgesplit.scheduling import builder
+from edgesplit.scheduling import dp as dp_module
+from edgesplit.scheduling import (ModelLibrary, Problem, Request, ScheduleError, ServerConfig, UplinkConfig,
+                                  backbone_structure, evaluate)
 
 LOAD_RATE = 1000.0  # bytes/s; block sizes are hundreds of bytes, so loads take 0.1 .. 3 s
 
@@ -103,8 +105,8 @@ def test_dp_equals_exact_on_backbone_instances(monkeypatch):
         # every evaluation path: plain layers; greedy incumbent + depth-first; incumbent + depth-first
         # cut short after 2 states, then layers with pruning
         mode = i % 4
-        monkeypatch.setattr(sch, "DFS_VISITS", 2 if mode == 3 else 50_000)
-        dp = sch.solve_dp(p, sch.DPConfig(incumbent=mode != 0))
+        monkeypatch.setattr(dp_module, "DFS_VISITS", 2 if mode == 3 else 50_000)
+        dp = sch.solve_dp(p, sch.DPConfig(incumbent=mode != 0, cap_ms=None))
         assert dp.served == sch.solve_exact(p).served, i
         assert dp.timeline.feasible
         oblivious = sch.solve_oblivious(p, "dp").served
@@ -119,8 +121,8 @@ def test_dp_is_exact_for_arbitrary_sharing_too(monkeypatch):
     rng = random.Random(12)
     for i in range(300):
         p = general_problem(rng, rng.randint(1, 8), uniform=True, policy=("edf", "static")[i % 2])
-        monkeypatch.setattr(sch, "DFS_VISITS", 2 if i % 3 == 2 else 50_000)
-        assert sch.solve_dp(p, sch.DPConfig(incumbent=i % 3 != 0)).served == sch.solve_exact(p).served, i
+        monkeypatch.setattr(dp_module, "DFS_VISITS", 2 if i % 3 == 2 else 50_000)
+        assert sch.solve_dp(p, sch.DPConfig(incumbent=i % 3 != 0, cap_ms=None)).served == sch.solve_exact(p).served, i
 
 
 @pytest.mark.timeout(60)
@@ -163,7 +165,7 @@ def test_dp_refuses_cases_where_it_is_not_exact():
         sch.solve_dp(mixed)
     assert sch.solve_auto(mixed).method == "greedy"
     with pytest.raises(ScheduleError, match="max_states"):
-        sch.solve_dp(backbone_problem(random.Random(1), 9), sch.DPConfig(max_states=2))
+        sch.solve_dp(backbone_problem(random.Random(1), 9), sch.DPConfig(max_states=2, cap_ms=None))
     p = _two_models([("A", 6.0), ("B", 12.0), ("A", 100.0)])
     with pytest.raises(ScheduleError, match="max_visits"):
         sch.solve_dp(p, sch.DPConfig(max_visits=0))
@@ -184,7 +186,8 @@ def test_interleaving_beats_batching_by_model():
     assert not evaluate(p, [0, 2, 1]).feasible and not evaluate(p, [1, 0, 2]).feasible
     assert sch.solve_greedy(p).served == 3
     # without lookahead and insertion, min-load keeps reusing A and strands B
-    plain = sch.GreedyConfig(rules=("min_load",), lookahead=1, insertion_max_requests=0, keep_oblivious=False)
+    plain = sch.GreedyConfig(rules=("min_load",), lookahead=1, insertion_max_requests=0, exchange_max_requests=0,
+                             keep_oblivious=False)
     assert sch.solve_greedy(p, plain).served == 2
 
 
@@ -227,8 +230,8 @@ def test_fast_checks_agree_with_the_evaluator():
         c = p.compiled
         order = list(range(c.n_requests))
         rng.shuffle(order)
-        scalar = sch._Builder(c)
-        vec = sch._VecBuilder(c, sch._arrays(c)) if c.policy == "edf" else None
+        scalar = builder.Builder(c)
+        vec = builder.VecBuilder(c, builder.request_arrays(c)) if c.policy == "edf" else None
         for n, k in enumerate(order):
             assert sch.fast_feasible(c, order[:n + 1]) == evaluate(p, order[:n + 1]).feasible
             if not sch.fast_feasible(c, scalar.order + [k]):

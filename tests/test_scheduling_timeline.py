@@ -1,4 +1,5 @@
 """Problem model and timeline evaluator: hand-worked timelines, residency, uplink policies."""
+import itertools
 import math
 import random
 from dataclasses import replace
@@ -6,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from edgesplit.partitioner.errors import EdgesplitError
-from edgesplit.runtime.partial_loading import (ModelLibrary, Problem, Request, ScheduleError, ServerConfig,
-                                               UplinkConfig, backbone_structure, evaluate)
+from edgesplit.scheduling import (ModelLibrary, Problem, Request, ScheduleError, ServerConfig, UplinkConfig,
+                                  backbone_structure, evaluate, solve_exact)
 
 V = 100.0  # load rate, bytes/s: sizes below are small so that times are round numbers
 
@@ -52,6 +53,63 @@ def test_timeline_with_overlap_and_memory_budget():
     # a model larger than memory cannot be served
     tl = evaluate(_problem(ServerConfig(V, memory_budget_bytes=550)), [1])
     assert not tl.feasible and "memory" in tl.violations[0]
+
+
+def _old_rule_ends(p: Problem, order) -> list[float]:
+    """End times under the overlap rule before issue 17 (load waits for the job two back), no uplink."""
+    lib, srv = p.library, p.server
+    ends, e1, e2, le, prev = [], srv.start_s, srv.start_s, srv.start_s, None
+    for n, k in enumerate(order):
+        r = p.requests[k]
+        blocks = lib.models[r.model]
+        if prev is None:
+            start, load = srv.start_s, lib.blocks_bytes(blocks - srv.resident_blocks)
+        else:
+            load = lib.blocks_bytes(blocks - lib.models[prev])
+            start = max(le, e2) if lib.blocks_bytes(blocks | lib.models[prev]) <= srv.memory_budget_bytes else e1
+        le = start + load / srv.load_rate_bytes_per_s
+        e2, e1 = e1, max(le, e1) + r.infer_s
+        ends.append(e1)
+        prev = r.model
+    return ends
+
+
+def _best_count(p: Problem, feasible) -> int:
+    return max((n for n in range(len(p.requests) + 1)
+                for sub in itertools.permutations(range(len(p.requests)), n) if feasible(list(sub))), default=0)
+
+
+@pytest.mark.timeout(10)
+def test_overlap_waits_only_for_models_in_memory():
+    """Issue 17: with overlap, the next load waits for what occupies memory, not for the job two back.
+
+    A is resident; two A jobs (5 s, 1 s) then B (3 s to load). Both A jobs hold one model, so B may
+    load from t=0 while A runs: it is ready at 3 and runs 6..7. The old rule made B's load wait for
+    the first A job (t=5): ready at 8, too late. Brute force over every ordered subset: the old rule
+    serves 2 of 3, the new one 3, and the evaluator and the exact solver agree the 3 are feasible.
+    """
+    lib = ModelLibrary({"a": 300, "b": 300}, {"A": frozenset({"a"}), "B": frozenset({"b"})})
+    reqs = (Request("a1", "u0", "A", 0, 5.0, 5.0), Request("a2", "u1", "A", 0, 1.0, 6.0),
+            Request("b1", "u2", "B", 0, 1.0, 7.0))
+    p = Problem(lib, reqs, ServerConfig(V, resident_blocks=frozenset({"a"}), overlap_load=True,
+                                        memory_budget_bytes=600))
+    old = _best_count(p, lambda o: all(e <= p.requests[k].deadline_s + 1e-9 for k, e in zip(o, _old_rule_ends(p, o))))
+    new = _best_count(p, lambda o: evaluate(p, o).feasible)
+    tl = evaluate(p, [0, 1, 2])
+    print(f"\noverlap rule, 3 requests: old rule serves {old}, new rule serves {new}; "
+          f"B loads {tl.jobs[2].load_start_s:g}..{tl.jobs[2].load_end_s:g} s, ends {tl.jobs[2].end_s:g} s")
+    assert (old, new) == (2, 3)
+    assert _times(tl) == _flat([(0, 0, 0, 5), (0, 0, 5, 6), (0, 3, 6, 7)]) and tl.feasible
+    assert solve_exact(p).served == 3
+    # memory still binds: A u B (600 B) does not fit in 500 B, so B loads after the last A job
+    tight = replace(p, server=replace(p.server, memory_budget_bytes=500))
+    assert evaluate(tight, [0, 1, 2]).jobs[2].load_start_s == pytest.approx(6.0)
+    assert solve_exact(tight).served == 2
+    # a different model in between does hold memory: A(5 s), C, B waits for A's end as before
+    lib3 = ModelLibrary({"a": 300, "b": 300, "c": 0}, {"A": frozenset({"a"}), "B": frozenset({"b"}),
+                                                       "C": frozenset({"c"})})
+    p3 = Problem(lib3, (reqs[0], Request("c1", "u1", "C", 0, 1.0, 6.0), reqs[2]), p.server)
+    assert evaluate(p3, [0, 1, 2]).jobs[2].load_start_s == pytest.approx(5.0)
 
 
 @pytest.mark.timeout(10)
@@ -185,8 +243,12 @@ def test_random_timelines_hold_their_constraints():
                         p.library.models[j.model] | p.library.models[jobs[n - 1].model]) <= \
                         p.server.memory_budget_bytes
                     assert j.load_start_s >= (jobs[n - 1].load_end_s if overlap else jobs[n - 1].end_s) - 1e-9
-                    if overlap and n >= 2:
-                        assert j.load_start_s >= jobs[n - 2].end_s - 1e-9
+                    if overlap:  # memory holds two models: every job before the previous model's run has ended
+                        q = n - 1
+                        while q > 0 and jobs[q - 1].model == jobs[n - 1].model:
+                            q -= 1
+                        if q > 0:
+                            assert j.load_start_s >= jobs[q - 1].end_s - 1e-9
             assert tl.uplink_used <= tl.uplink_budget * (1 + 1e-9)
         # sharing-oblivious costs are never below the true ones
         ob = evaluate(p.oblivious(), order)

@@ -5,7 +5,7 @@ import random
 import pytest
 from scipy.optimize import brentq
 
-from edgesplit.runtime import bandwidth as bw
+from edgesplit.scheduling import uplink as bw
 
 REL = 1e-6  # acceptance: closed forms agree with numeric root finding to 1e-6 relative
 

@@ -1,4 +1,4 @@
-"""Uplink allocation for an ordered schedule: who gets how much of the shared uplink.
+"""Uplink allocation: who gets how much of the shared uplink (closed forms, shared-link EDF).
 
 PartialLoading (Qu et al., arXiv 2503.22982) schedules first and divides the uplink
 second. Once the order is fixed, request k has an *upload window*: from its release
@@ -26,32 +26,27 @@ sum_k r_k <= B, and each upload is done by its due time. Preemptive EDF on a sin
 resource meets every due date whenever any preemptive or fluid schedule does
 (Dertouzos 1974; Liu & Layland 1973: on one processor EDF is optimal for feasibility
 with release times and preemption). Hence EDF finishes every upload by its due time.
-``tests/test_bandwidth.py`` checks this on random instances. The converse fails (EDF
+``tests/test_scheduling_uplink.py`` checks this on random instances. The converse fails (EDF
 can serve windows no static split can), and for the *Shannon* model the implication
 fails too: splitting the band raises the sum rate (log is concave), so a time-shared
 link can be slower than an FDMA split; the test shows a concrete case.
+
+Pure arithmetic on sequences of numbers: this module knows nothing of problems or
+timelines (``timeline.allocate_static`` applies it to a schedule), so the problem model
+can use it without an import cycle.
 """
 from __future__ import annotations
 
 import heapq
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from scipy.special import lambertw
-
-from edgesplit.partitioner.errors import EdgesplitError
-
-if TYPE_CHECKING:  # only for annotations; partial_loading imports this module
-    from .partial_loading import Problem, Timeline
+from .errors import BandwidthError
 
 LN2 = math.log(2.0)
 BITS_PER_BYTE = 8
 _REL_TOL = 1e-9  # budget comparisons: float sums of shares
-
-
-class BandwidthError(EdgesplitError, ValueError):
-    """An allocation input is invalid (negative size, bad lengths, unknown rate model)."""
 
 
 def linear_min_rate_bytes_per_s(input_bytes: float, window_s: float) -> float:
@@ -111,6 +106,8 @@ def shannon_min_bandwidth_hz(rate_bits_per_s: float, link_gain_hz: float) -> flo
     c = rate_bits_per_s * LN2 / link_gain_hz
     if c >= 1.0:
         return math.inf
+    from scipy.special import lambertw  # here, not at the top: importing scipy costs ~100 MiB
+
     w = float(lambertw(-c * math.exp(-c), k=-1).real)  # < -1 for 0 < c < 1
     x = -w / c - 1.0  # x = a/b
     if x <= 0:  # c within rounding of 1
@@ -229,24 +226,6 @@ def edf_meets_due_times(release_s: Sequence[float], input_bytes: Sequence[float]
     """Whether EDF on one link of rate B finishes every upload by its due time."""
     done = edf_upload_completions(release_s, input_bytes, rate_bytes_per_s, priority=due_s)
     return all(c <= d + tol_s for c, d in zip(done, due_s))
-
-
-def allocate_static(problem: "Problem", timeline: "Timeline") -> StaticSplit:
-    """The static split for a schedule: each served user's window ends when its inference starts.
-
-    Args:
-        problem: the scheduling problem (its uplink's rate model and budget are used).
-        timeline: a timeline from ``partial_loading.evaluate`` (any policy).
-    Returns:
-        Shares per served request, in service order.
-    """
-    reqs = [problem.requests[j.request_index] for j in timeline.jobs]
-    release = [max(r.arrival_s, problem.server.start_s) for r in reqs]
-    window = [j.start_s - rel for j, rel in zip(timeline.jobs, release)]
-    sizes = [r.input_bytes for r in reqs]
-    if problem.uplink.rate_model == "shannon":
-        return static_split_shannon(sizes, window, [r.link_gain_hz for r in reqs], problem.uplink.total_bandwidth_hz)
-    return static_split_linear(sizes, window, problem.uplink.total_rate_bytes_per_s)
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:
