@@ -5,10 +5,11 @@ buffer the tensors will live in (no intermediate ``bytes``), chunk by chunk, and
 digest is updated on each chunk while it is still in the CPU's cache. Two costs dominate
 the rest, and both are handled here rather than left to the allocator:
 
-* fresh anonymous memory is faulted in 4 KiB at a time on first touch; a buffer of at least
-  2 MiB is mapped with ``MADV_HUGEPAGE`` so it is faulted in 2 MiB at a time (a 96 MB read
-  into fresh memory went from 1.9 to 7.5 GB/s on our 2-core x86 VM). With THP ``defrag`` set
-  to ``madvise`` a fault may compact memory first; set ``HUGEPAGE_MIN_BYTES`` very high to opt out;
+* fresh memory costs page faults on first touch (about 1.3-1.7 GB/s here); the block cache
+  avoids them in steady state by reading into evicted blocks' memory. Transparent huge pages
+  (``MADV_HUGEPAGE``) were tried and dropped: with THP ``defrag`` at ``madvise`` a fault
+  compacts memory first, and on a machine that had run for a while a 173 MB first load fell
+  to 0.05-0.5 GB/s (against 1.3-1.4 without), where on a fresh one it rose to 7.5;
 * a CUDA target gets the file through two small pinned staging chunks, each copied to the
   device while the next one is read: no whole-file pinned buffer, no host copy kept.
 
@@ -16,7 +17,6 @@ the rest, and both are handled here rather than left to the allocator:
 """
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import time
@@ -27,7 +27,6 @@ import torch
 import xxhash
 
 READ_CHUNK_BYTES = 8 << 20  # per read() call and per cap step; 1 and 8 MiB read at the same rate here
-HUGEPAGE_MIN_BYTES = 2 << 20  # one transparent huge page: smaller buffers gain nothing from MADV_HUGEPAGE
 
 
 class ReadRateCap:
@@ -59,17 +58,8 @@ class ReadRateCap:
 
 
 def host_buffer(n_bytes: int, pin: bool = False) -> torch.Tensor:
-    """A fresh uint8 CPU buffer for a file's bytes (pinned when asked, huge-page backed when large)."""
-    if pin:
-        return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
-    if n_bytes >= HUGEPAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        m = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP disabled in this kernel: plain pages, still correct
-            pass
-        return torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    return torch.empty(n_bytes, dtype=torch.uint8)
+    """A fresh uint8 CPU buffer for a file's bytes (pinned when asked)."""
+    return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=pin)
 
 
 @dataclass
