@@ -17,7 +17,8 @@ The six models are deployed without loading (registered, nothing resident). A wa
 (U, U2, V0, V3) makes each worker's memory grow to its budget: those first loads also pay
 for the process's fresh pages (page faults; reported apart, not in the fit). Then each rep:
 U2 and U (so no V0 block is resident), then a fixed sequence of PREFETCH orders (a cold
-V0, then switches with 0 to 100% of a stage missing). For every order and worker, the
+V0, then switches with 0 to 100% of a stage missing), each sent to one worker at a time (a
+board has its own CPU; two workers loading at once on this 2-core VM measure its contention). For every order and worker, the
 worker reports the bytes it loaded into its cache and how long the order took on it; those
 (bytes, ms) pairs are the points of the table and of the linear fit. A worker's read-rate
 cap (``--store-read-rate``) emulates a board's storage; each cap is a fresh cluster.
@@ -123,16 +124,19 @@ def _one_cap(root: Path, cap: int, reps: int, sizes: dict[str, int], n_blocks: i
 
 
 def _orders(cl: Any, sequence: list[str], rep: int, stage_bytes: dict[str, int]) -> list[dict[str, Any]]:
-    """PREFETCH each model of ``sequence`` in turn; one row per order and worker."""
+    """PREFETCH each model of ``sequence`` in turn, one worker at a time; one row per order and worker.
+
+    One at a time because each board has its own CPU and this machine's 2 cores do not: two
+    workers loading at once (beside the coordinator and this client) measure the VM's contention.
+    """
     rows, prev = [], None
     for to in sequence:
-        t0 = time.perf_counter()
-        reply = cl.prefetch(to, hint=[to])
-        client_ms = (time.perf_counter() - t0) * 1000
-        for w, r in sorted(reply.items()):
+        for w in sorted(stage_bytes):
+            t0 = time.perf_counter()
+            r = cl.prefetch(to, hint=[to], workers=[w])[w]
             rows.append({"rep": rep, "from": prev or "-", "to": to, "worker": w,
                          "loaded_mb": r["loaded_bytes"] / 1e6, "ms": r["ms"], "load_ms": r["load_ms"],
-                         "resident_mb": r["resident_bytes"] / 1e6, "client_ms": client_ms,
+                         "resident_mb": r["resident_bytes"] / 1e6, "client_ms": (time.perf_counter() - t0) * 1000,
                          "blocks": r.get("blocks", 0), "reused": r.get("reused", 0),
                          "stage_mb": stage_bytes[w] / 1e6})
         prev = to

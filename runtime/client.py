@@ -269,18 +269,23 @@ class Client:
         self.routes.pop(model, None)
         return _per_worker(msg.body.get("loaded"))
 
-    def prefetch(self, model: str, hint: Sequence[str] = (), timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
+    def prefetch(self, model: str, hint: Sequence[str] = (), workers: Sequence[str] | None = None,
+                 timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
         """Make a deployed model resident on its workers now, loading only the blocks they lack.
 
         Args:
             model: a deployed model.
             hint: the models expected next, soonest first: blocks of models not named (then
                 those named last) are evicted first when room is needed.
+            workers: only these of the model's workers (default: all of them).
         Returns:
             Per worker: ``loaded_bytes``, ``load_ms`` (reading and placing them), ``ms`` (the whole
             order on the worker) and ``resident_bytes`` after.
         """
-        msg = self._call(Msg.PREFETCH, {"body": {"model": model, "hint": list(hint)}},
+        body: dict[str, Any] = {"model": model, "hint": list(hint)}
+        if workers is not None:
+            body["workers"] = [str(w) for w in workers]
+        msg = self._call(Msg.PREFETCH, {"body": body},
                          timeout_ms=timeout_ms or self.cfg.deploy_timeout_ms, what=f"prefetch of {model}")
         return _per_worker(msg.body.get("loaded"))
 

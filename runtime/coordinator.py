@@ -679,6 +679,12 @@ class Coordinator:
         targets = sorted(w for w, r in self.workers.items() if any(s.model == model for s in r.info.stages))
         if not targets:
             raise NotDeployed(f"model {model} is registered on no live worker; deploy it first")
+        asked = P.body_get(msg.body, "workers", list, None)
+        if asked is not None:
+            unknown = sorted(str(w)[:64] for w in asked if w not in targets)
+            if unknown:
+                raise NotDeployed(f"workers {unknown} host no stage of {model}; its workers: {targets}")
+            targets = sorted(set(asked))
         frames = P.encode(Msg.PREFETCH, msg.rid, msg.budget_ms, {"body": {"model": model, "hint": hint}})
         for name in targets:
             if not send(self.sock, frames, route=[self.workers[name].ident]):

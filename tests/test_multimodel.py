@@ -135,8 +135,10 @@ def test_switching_loads_only_missing_blocks_and_never_exceeds_the_budget(cluste
         _check_output(client, variants, "vitB")  # a request for a registered, non-resident stage loads it
         after = _worker(client, "w0", time.monotonic()).telemetry["count_switch_bytes"]
         assert after - before == only["vitB"]  # only B's own top blocks were read
-        reply = client.prefetch("vitC", hint=["vitA"])
-        assert reply["w0"]["loaded_bytes"] == only["vitC"]
+        with pytest.raises(UnknownModel, match="host no stage of vitC"):
+            client.prefetch("vitC", workers=["w1"])
+        reply = client.prefetch("vitC", hint=["vitA"], workers=["w0"])
+        assert list(reply) == ["w0"] and reply["w0"]["loaded_bytes"] == only["vitC"]
         for name in ["vitA", "vitB", "dummy4", "vitC", "vitA", "vitC", "vitB"] * 2:  # a switching workload
             _check_output(client, variants, name)
         w = _worker(client, "w0", time.monotonic())

@@ -66,7 +66,7 @@ class Residency:
             for s in gone:  # children not computing now let go of their tensors, so the bytes free
                 for i, bid in enumerate(s.block_ids):
                     if s.loaded[i] and not self.cache.is_pinned(bid):
-                        _to_meta(s.children[i])
+                        s.unbind(i)
                         s.loaded[i] = False
             for s in gone:
                 for bid in s.block_ids:
@@ -107,7 +107,7 @@ class Residency:
                 load.reused += stats.buffers_reused - reused
                 with self.cache.lock:  # eviction (which moves children to meta) runs under it too
                     if not stage.loaded[i]:
-                        stage.children[i].load_state_dict(tensors, strict=True, assign=True)  # alias: no copy
+                        stage.bind(i, tensors)  # alias: no copy
                         stage.loaded[i] = True
         except BaseException:
             self.cache.unpin(stage.block_ids)
@@ -125,10 +125,6 @@ class Residency:
         """The cache dropped ``bid``: every registered child aliasing it goes back to ``meta``."""
         for stage, i in self._users.get(bid, []):
             if stage.loaded[i]:
-                _to_meta(stage.children[i])
+                stage.unbind(i)
                 stage.loaded[i] = False
 
-
-def _to_meta(child: nn.Module) -> None:
-    """Point a block's state at ``meta`` (no memory); non-persistent buffers, computed at init, stay."""
-    child.load_state_dict({k: v.to("meta") for k, v in child.state_dict().items()}, assign=True)

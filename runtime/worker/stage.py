@@ -35,6 +35,35 @@ class Stage:
         self.children = list(self.module.children())
         if not self.loaded:
             self.loaded = [False] * len(self.block_ids)
+        self._slots = [_slots_of(c) for c in self.children]
+
+    def bind(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Point block ``i``'s parameters and buffers at ``tensors`` (no copy; names, shapes, dtypes checked).
+
+        What ``load_state_dict(assign=True)`` does, without its per-call overhead: a switch
+        binds and unbinds whole blocks, and that overhead was a fifth of a 28 MB switch.
+        """
+        slots = self._slots[i]
+        if tensors.keys() != slots.keys():
+            raise ManifestError(f"block {self.block_ids[i][:12]} holds {sorted(tensors)[:4]}..., the stage's "
+                                f"block {i} expects {sorted(slots)[:4]}...")
+        for name, (owner, attr, is_param, meta) in slots.items():
+            t = tensors[name]
+            if t.shape != meta.shape or t.dtype != meta.dtype:
+                raise ManifestError(f"block {self.block_ids[i][:12]}: {name} is {tuple(t.shape)} {t.dtype}, "
+                                    f"the stage expects {tuple(meta.shape)} {meta.dtype}")
+            if is_param:
+                owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+            else:
+                owner._buffers[attr] = t
+
+    def unbind(self, i: int) -> None:
+        """Block ``i``'s state back on ``meta`` (no memory); non-persistent buffers stay."""
+        for owner, attr, is_param, meta in self._slots[i].values():
+            if is_param:
+                owner._parameters[attr] = meta
+            else:
+                owner._buffers[attr] = meta
 
     @property
     def nbytes(self) -> int:
@@ -110,3 +139,16 @@ def stage_skeleton(manifest: ModelManifest, start: int, end: int, device: str | 
             module.load_state_dict({k: v.to("meta") for k, v in module.state_dict().items()}, assign=True)
         out.add_module(entry.name.replace(".", "_"), module)
     return out.eval()
+
+
+def _slots_of(block: nn.Module) -> dict[str, tuple[nn.Module, str, bool, torch.Tensor]]:
+    """Per state-dict name of a (meta) block: the module owning it, its attribute, parameter or
+    buffer, and a meta tensor of its shape to put back when the block is unbound."""
+    out = {}
+    for name, t in block.state_dict(keep_vars=True).items():
+        path, _, attr = name.rpartition(".")
+        owner = block.get_submodule(path) if path else block
+        is_param = attr in owner._parameters
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        out[name] = (owner, attr, is_param, nn.Parameter(meta, requires_grad=False) if is_param else meta)
+    return out
