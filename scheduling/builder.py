@@ -92,22 +92,14 @@ class Builder:
     def append(self, k: int) -> None:
         c = self.c
         m = c.model_of[k]
-        if self.order:
-            load_start = max(self.le, self.gate) if c.overlap_ok[self.m][m] else self.e1
-        else:
-            load_start = c.start_s
-        self.le = load_start + c.switch_s[self.m][m]
+        self.le = _load_end(c, self.order, self.m, m, self.le, self.gate, self.e1)
         s = max(self.le, self.e1)
         if c.policy == "edf":
             s = max(s, self._upload_end(k))
             self._consume(k)
         else:
             s = max(s, c.release_s[k])
-        if self.order and m != self.m:
-            self.gate = self.e1  # a new run: the previous model leaves memory when its last job ends
-        self.e1 = s + c.infer_s[k]
-        self.m = m
-        self.order.append(k)
+        _commit(self, s, k, m)
 
     def dead(self, k: int) -> bool:
         """True when k can never be appended any more (its deadline is out of reach even with no load)."""
@@ -227,11 +219,7 @@ class VecBuilder:
     def append(self, k: int) -> None:
         c = self.c
         m = c.model_of[k]
-        if self.order:
-            load_start = max(self.le, self.gate) if c.overlap_ok[self.m][m] else self.e1
-        else:
-            load_start = c.start_s
-        self.le = load_start + c.switch_s[self.m if self.order else -1][m]
+        self.le = _load_end(c, self.order, self.m, m, self.le, self.gate, self.e1)
         s = max(self.le, self.e1)
         if self.a["finite_link"]:
             s = max(s, float(self._uploads(np.array([k]))[0]))
@@ -242,11 +230,25 @@ class VecBuilder:
             self._idle = None
         else:
             s = max(s, c.release_s[k])
-        if self.order and m != self.m:
-            self.gate = self.e1  # a new run: the previous model leaves memory when its last job ends
-        self.e1 = s + c.infer_s[k]
-        self.m = m
-        self.order.append(k)
+        _commit(self, s, k, m)
+
+
+def _load_end(c: Compiled, order: list[int], prev: int, m: int, le: float, gate: float, e1: float) -> float:
+    """When model ``m`` is loaded if its job is appended now: loading overlaps the previous run
+    when memory allows it (after ``gate``), else it waits for the previous job to end."""
+    if not order:
+        return c.start_s + c.switch_s[-1][m]
+    start = max(le, gate) if c.overlap_ok[prev][m] else e1
+    return start + c.switch_s[prev][m]
+
+
+def _commit(b: "Builder | VecBuilder", s: float, k: int, m: int) -> None:
+    """Append job ``k`` of model ``m`` starting at ``s``."""
+    if b.order and m != b.m:
+        b.gate = b.e1  # a new run: the previous model leaves memory when its last job ends
+    b.e1 = s + b.c.infer_s[k]
+    b.m = m
+    b.order.append(k)
 
 
 class ScalarCandidates:
