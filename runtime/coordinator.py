@@ -146,7 +146,7 @@ class Coordinator:
         self.plans: dict[bytes, _PendingPlan] = {}  # DEPLOY rid -> orders out
         self.link_orders: dict[bytes, _LinkOrder] = {}
         self.prefetches: dict[bytes, _PrefetchOrder] = {}
-        self.undeployed: set[str] = set()  # models undeployed since start: a worker back with one drops it
+        self.undeployed: set[str] = self.plan_store.undeployed()  # a worker back with one of these drops it
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
         self.route_waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # model -> [(client, rid, deadline)]
         self.seen: set[str] = set()  # workers registered since this coordinator started
@@ -552,7 +552,9 @@ class Coordinator:
         links = tuple(LinkSpec.from_msg(v) for v in links_raw)
         named = {w for h in hops for w in h.workers}
         load = P.body_get(body, "load", bool, True)
-        self.undeployed.discard(model)
+        if model in self.undeployed:
+            self.undeployed.discard(model)
+            self._mark_undeployed(model, False)
         record = PlanRecord(model, self._take_plan_id(), manifest.n_blocks, tuple(hops), links,
                             {w: self.workers[w].info.endpoint for w in named},
                             replicas or max(len(h.workers) for h in hops))
@@ -635,6 +637,7 @@ class Coordinator:
         self.records.pop(model, None)
         self.plan_store.remove(model)
         self.undeployed.add(model)
+        self._mark_undeployed(model, True)
         for rid, pending in list(self.plans.items()):  # a deploy or repair in progress ends here
             if pending.model == model:
                 self._fail_plan(rid, Err.DEPLOY_FAILED, f"{model} was undeployed meanwhile")
@@ -644,6 +647,13 @@ class Coordinator:
             return
         log.info("undeploy %s from %s", model, targets)
         self._undeploy_on(model, targets, msg.rid, ident)
+
+    def _mark_undeployed(self, model: str, undeployed: bool) -> None:
+        try:
+            self.plan_store.mark_undeployed(model, undeployed)
+        except OSError as e:
+            log.error("E: could not record in %s that %s is %s: %s; a coordinator restart forgets it",
+                      self.plan_store.root, model, "undeployed" if undeployed else "deployed", e)
 
     def _undeploy_on(self, model: str, targets: list[str], rid: bytes, client: bytes | None) -> None:
         """DEPLOY an empty stage list of ``model`` to ``targets``; ``client`` (if any) gets the figures."""

@@ -152,6 +152,19 @@ class PlanStore:
     def remove(self, model: str) -> None:
         self.path(model).unlink(missing_ok=True)
 
+    def mark_undeployed(self, model: str, undeployed: bool) -> None:
+        """Remember (or forget) that ``model`` was undeployed, across restarts: a worker that comes
+        back still hosting it is told to drop it."""
+        marker = self.root / f"{P.check_model_name(model)}.undeployed"
+        if undeployed:
+            atomic_write(marker, b"")
+        else:
+            marker.unlink(missing_ok=True)
+
+    def undeployed(self) -> set[str]:
+        """Models undeployed and not deployed since."""
+        return {p.name[: -len(".undeployed")] for p in self.root.glob("*.undeployed")}
+
     def load(self) -> dict[str, PlanRecord]:
         """Every readable plan, by model; unreadable files are logged by name and skipped."""
         out: dict[str, PlanRecord] = {}

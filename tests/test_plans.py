@@ -410,3 +410,51 @@ def test_a_deploy_that_loads_but_does_not_route_fails_at_once(model_store, tmp_p
         fake.close(0)
         ctx.term()
         coord.stop()
+
+
+@pytest.mark.timeout(60)
+def test_an_undeploy_outlives_a_coordinator_restart(model_store, tmp_path: Path):
+    """A worker that was away during an undeploy, back after the coordinator restarted, is told to drop the model."""
+    import zmq
+
+    from edgesplit.runtime import Coordinator, CoordinatorConfig, connect
+    from edgesplit.runtime import protocol as P
+    from edgesplit.runtime.errors import NotDeployed
+    from edgesplit.runtime.types import StageInfo
+
+    plans = tmp_path / "plans"
+    cfg = CoordinatorConfig(bind="tcp://127.0.0.1:*", store=str(model_store["root"]), plan_dir=str(plans))
+    coord = Coordinator(cfg).start()
+    with connect(coord.endpoint) as cl:
+        assert cl.undeploy("dummy3") == {}  # hosted nowhere now: still recorded
+    coord.stop()
+    assert PlanStore(plans).undeployed() == {"dummy3"}
+
+    coord = Coordinator(cfg).start()  # a restart: the record is read back
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.DEALER)
+    fake.setsockopt(zmq.IDENTITY, b"away/0001")
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.connect(coord.endpoint)
+    try:
+        stage = StageInfo("dummy3", 0, 0, 3, 3, 1).to_msg()
+        fake.send_multipart(P.encode(P.Msg.READY, P.new_rid(), 3000, {"body": {
+            "name": "away", "endpoint": "tcp://127.0.0.1:9", "device": "cpu", "memory_budget_bytes": 0,
+            "host": "h", "pid": 1, "stages": [stage]}}))
+        deadline, order = time.monotonic() + 10, None
+        while order is None and time.monotonic() < deadline:
+            if fake.poll(100):
+                msg = P.decode(fake.recv_multipart())
+                if msg.type == P.Msg.DEPLOY:
+                    order = msg.body
+        assert order is not None and order["model"] == "dummy3" and order["stages"] == []
+        with connect(coord.endpoint) as cl:
+            with pytest.raises(NotDeployed, match="undeployed"):
+                cl.route("dummy3")
+    finally:
+        fake.close()
+        ctx.term()
+        coord.stop()
+    store = PlanStore(plans)
+    store.mark_undeployed("dummy3", False)  # what a deploy of it does
+    assert store.undeployed() == set()
