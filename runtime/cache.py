@@ -120,8 +120,7 @@ class BlockCache:
                 if other is None:
                     self.stats.misses += 1
                     t0 = time.perf_counter()
-                    into = self._room_for(block_id)
-                    need = into.numel() if into is not None else self.store.file_bytes(block_id)
+                    into, need = self._room_for(block_id)
                     done = threading.Event()
                     self._loading[block_id] = (done, need)
                     break
@@ -153,8 +152,9 @@ class BlockCache:
             self.stats.load_s += time.perf_counter() - t0
             return tensors
 
-    def _room_for(self, block_id: str) -> torch.Tensor | None:
-        """Make room for a block about to load; a pooled buffer to read it into, if one fits."""
+    def _room_for(self, block_id: str) -> tuple[torch.Tensor | None, int]:
+        """Make room for a block about to load: a pooled buffer to read it into (if one fits), and the
+        bytes to reserve while it is read."""
         need = self.store.file_bytes(block_id)  # ~ the tensors' bytes: room is made before anything is allocated
         victims = self._victims()
         while True:
@@ -163,9 +163,9 @@ class BlockCache:
                 buf = min(fits, key=lambda b: b.numel())
                 self._pool = [b for b in self._pool if b is not buf]
                 self._make_room(buf.numel(), block_id)
-                return buf
+                return buf, buf.numel()
             if self.resident_bytes + self.pooled_bytes + self.reserved_bytes + need <= self.budget_bytes:
-                return None
+                return None, need
             if victims:
                 self.evict(victims.pop(0))  # its buffer joins the pool: the next turn may take it
             elif self._pool:

@@ -8,7 +8,7 @@ Layout, one job per module:
 - ``greedy``, ``dp`` (anytime, capped), ``exact`` (test oracle), ``baselines``.
 - ``registry``: ``create_scheduler(name, **options)``, ``list_schedulers()``, ``register_scheduler``.
 
-It imports nothing of ``edgesplit.runtime``; the coordinator imports it.
+It imports nothing of the runtime package (sockets, daemons); the coordinator imports it.
 """
 from .dp import DPConfig, dp_preconditions, dp_state_count, solve_dp
 from .errors import BandwidthError, ScheduleError

@@ -186,6 +186,16 @@ class _OutOfTime(Exception):
     """Unwinds a DP evaluation when the decision-time cap has passed (never leaves this module)."""
 
 
+def _visit(expanded: int, limit: int, floor: int, timer: "_Timer | None") -> int:
+    """One more state expanded: the cap's timer ticks, and past the visit limit the search gives up."""
+    if timer is not None:
+        timer.tick()
+    if expanded + 1 > limit:
+        raise ScheduleError(f"DP search gave up after its visit limit (best so far serves {floor}); "
+                            "raise DPConfig.max_visits or use solve_greedy")
+    return expanded + 1
+
+
 class _Timer:
     """The decision-time cap: ``tick`` reads the injected clock every ``CLOCK_EVERY`` calls."""
 
@@ -535,12 +545,7 @@ def _dp_scalar(F, active, n, stride, dl, tau, switch, load0, t0, bound=None, inc
                 best, floor = key, served
             if bound is not None and served + bound.extra(ridx, g, start, None) <= floor:
                 continue
-            expanded += 1
-            if timer is not None:
-                timer.tick()
-            if expanded > limit:
-                raise ScheduleError(f"DP search gave up after its visit limit (best so far serves {floor}); "
-                                    "raise DPConfig.max_visits or use solve_greedy")
+            expanded = _visit(expanded, limit, floor, timer)
             base = key - g
             for f, st, radix, nf, rd, tf, jump in steps:
                 rf = ridx // st % radix
@@ -596,12 +601,7 @@ def _dp_pareto(F, active, n, stride, dl, tau, switch, load0, t0, aux_of, bound=N
                 slack = -min(lab[1] for lab in labels) if byte_slack else None
                 if served + bound.extra(ridx, g, -min(lab[0] for lab in labels), slack) <= floor:
                     continue
-            expanded += 1
-            if timer is not None:
-                timer.tick()
-            if expanded > limit:
-                raise ScheduleError(f"DP search gave up after its visit limit (best so far serves {floor}); "
-                                    "raise DPConfig.max_visits or use solve_greedy")
+            expanded = _visit(expanded, limit, floor, timer)
             for f in active:
                 rf = ridx // stride[f] % (n[f] + 1)
                 if rf == n[f]:

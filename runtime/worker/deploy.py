@@ -209,7 +209,7 @@ class Deployer:
             return
         if not d.loading.done():
             return
-        stages, loaded = d.build.result(), d.loading.result()
+        stages, (loaded, _) = d.build.result(), d.loading.result()
         self.active.pop(d.rid, None)
         load_ms = (time.monotonic() - d.t0) * 1000
         self.log.info("deployed %s plan %d: hops %s in %.0f ms (%d B fetched, %d B loaded in %.0f ms, %d B freed)",
@@ -235,18 +235,20 @@ class Deployer:
                              codec_in, codec_out, sizes=[b.size_bytes for b in entries]))
         return out
 
-    def _load(self, stages: list[Stage]) -> Load:
-        """Loader thread: make ``stages`` resident (only missing blocks are read) and warm them up."""
-        w, total = self.w, Load()
+    def _load(self, stages: list[Stage], warm_up: bool = True) -> tuple[Load, float]:
+        """Loader thread: make ``stages`` resident (only missing blocks are read), warm them up if asked
+        (a deploy: first-call allocations; a prefetch measures the switch alone); returns the load and seconds."""
+        w, total, t0 = self.w, Load(), time.perf_counter()
         for s in stages:
             module, load = w.load(s)
             try:
                 total.add(load)
-                with torch.inference_mode():
-                    module(torch.zeros(1, *s.in_shape, device=w.device))  # first-call allocations
+                if warm_up:
+                    with torch.inference_mode():
+                        module(torch.zeros(1, *s.in_shape, device=w.device))
             finally:
                 w.release(s)
-        return total
+        return total, time.perf_counter() - t0
 
     # --- PREFETCH ------------------------------------------------------------------------------
     def prefetch(self, sock: zmq.Socket, msg: P.Message) -> None:
@@ -265,16 +267,7 @@ class Deployer:
                     for bid in s.block_ids:
                         rank.setdefault(bid, i)
         w.cache.hint(rank)
-        self.prefetching[msg.rid] = (model, self.loader.submit(self._timed_load, stages))
-
-    def _timed_load(self, stages: list[Stage]) -> tuple[Load, float]:
-        t0 = time.perf_counter()
-        load = Load()
-        for s in stages:
-            _, part = self.w.load(s)
-            self.w.release(s)
-            load.add(part)
-        return load, time.perf_counter() - t0
+        self.prefetching[msg.rid] = (model, self.loader.submit(self._load, stages, False))
 
     def _advance_prefetches(self, sock: zmq.Socket) -> None:
         for rid, (model, fut) in list(self.prefetching.items()):

@@ -67,7 +67,6 @@ class Residency:
                 for i, bid in enumerate(s.block_ids):
                     if s.loaded[i] and not self.cache.is_pinned(bid):
                         s.unbind(i)
-                        s.loaded[i] = False
             for s in gone:
                 for bid in s.block_ids:
                     users = [(t, i) for t, i in self._users.get(bid, []) if t is not s]
@@ -108,7 +107,6 @@ class Residency:
                 with self.cache.lock:  # eviction (which moves children to meta) runs under it too
                     if not stage.loaded[i]:
                         stage.bind(i, tensors)  # alias: no copy
-                        stage.loaded[i] = True
         except BaseException:
             self.cache.unpin(stage.block_ids)
             raise
@@ -126,5 +124,4 @@ class Residency:
         for stage, i in self._users.get(bid, []):
             if stage.loaded[i]:
                 stage.unbind(i)
-                stage.loaded[i] = False
 

@@ -56,6 +56,7 @@ class Stage:
                 owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
             else:
                 owner._buffers[attr] = t
+        self.loaded[i] = True
 
     def unbind(self, i: int) -> None:
         """Block ``i``'s state back on ``meta`` (no memory); non-persistent buffers stay."""
@@ -64,6 +65,7 @@ class Stage:
                 owner._parameters[attr] = meta
             else:
                 owner._buffers[attr] = meta
+        self.loaded[i] = False
 
     @property
     def nbytes(self) -> int:
