@@ -48,7 +48,8 @@ import zmq
 
 from . import protocol as P
 from .config import from_mapping, opt
-from .errors import Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel, WorkerLost
+from .errors import (DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel,
+                     WorkerLost)
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
@@ -96,6 +97,11 @@ class RequestInfo:
     input_bytes: int = 0
     output_bytes: int = 0
     trace: list[list[Any]] = field(default_factory=list)  # protocol.TRACE_FIELDS per hop, when traced
+    user: str = ""
+    deadline_ms: float | None = None  # submitted with a deadline: it went through admission
+    admitted: bool | None = None  # the admission's answer (None: not asked, or no answer)
+    plan: dict[str, Any] = field(default_factory=dict)  # the admission's plan: send_in_ms, upload_ms, end_ms, ...
+    late_ms: float = 0.0  # > 0: the result came this long after the deadline (DeadlineMissed)
 
     @property
     def latency_ms(self) -> float:
@@ -116,7 +122,9 @@ class _Req:
     acked: bool = False  # that worker took custody
     lost_at: float | None = None  # replay then unless the result came
     lost_reason: str = ""
-    not_before: float = 0.0  # wait before (re)sending (the worker said OVERLOADED)
+    not_before: float = 0.0  # wait before (re)sending (the worker said OVERLOADED, or the admission's send time)
+    due: float | None = None  # monotonic: the deadline the admission planned for (None: not scheduled)
+    scheduled: bool = False  # admitted: sent when the plan says, to the route's planned first worker
 
     @property
     def done(self) -> bool:
@@ -151,8 +159,8 @@ class Client:
         self._thread.start()
 
     # --- public API ------------------------------------------------------------------------------
-    def submit(self, model: str, x: torch.Tensor, timeout_ms: int | None = None,
-               trace: bool = False) -> concurrent.futures.Future:
+    def submit(self, model: str, x: torch.Tensor, timeout_ms: int | None = None, trace: bool = False,
+               deadline_ms: float | None = None, user: str = "") -> concurrent.futures.Future:
         """Send one input; the future resolves to the output tensor or raises the request's error.
 
         Args:
@@ -160,11 +168,18 @@ class Client:
             x: input batch, e.g. ``(B, 3, 224, 224)`` float32.
             timeout_ms: deadline (default ``cfg.timeout_ms``); the request fails with ``RequestTimeout`` after it.
             trace: ask every stage to record its timings (``future.info.trace``).
+            deadline_ms: schedule the request: the result is due this long after now. The
+                coordinator's admission answers first: ``DeadlineUnmeetable`` (with the reason) when
+                it cannot be met, else the input is sent when the plan says (an upload slot). A
+                result after the deadline raises ``DeadlineMissed`` (its ``result`` and ``late_ms``).
+            user: who asks (scheduled requests; the coordinator plans per user).
         Returns:
             A ``concurrent.futures.Future``; ``future.info`` is the request's :class:`RequestInfo`.
         """
         if self._closed.is_set():
             raise RuntimeFailure("client is closed; connect again")
+        if deadline_ms is not None and not deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be > 0, got {deadline_ms}")
         budget = self.cfg.timeout_ms if timeout_ms is None else timeout_ms
         deadline = time.monotonic() + budget / 1000.0  # stamped now: waiting for a slot counts too
         if not self._slots.acquire(timeout=budget / 1000.0):
@@ -173,11 +188,14 @@ class Client:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.add_done_callback(lambda _: self._slots.release())
         rid = P.new_rid()
-        info = RequestInfo(rid, model, time.time())
+        info = RequestInfo(rid, model, time.time(), user=str(user), deadline_ms=deadline_ms)
         fut.info = info  # type: ignore[attr-defined]
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
-        self._cmds.put(("submit", _Req(rid, model, x, fut, deadline, trace, info)))
+        req = _Req(rid, model, x, fut, deadline, trace, info)
+        if deadline_ms is not None:
+            req.due = deadline - budget / 1000.0 + deadline_ms / 1000.0
+        self._cmds.put(("submit", req))
         self._wake()
         return fut
 
@@ -377,6 +395,7 @@ class Client:
         self._delayed: list[tuple[float, int, _Req]] = []  # (not_before, seq, req): retry after OVERLOADED
         self._unacked: collections.Counter[str] = collections.Counter()  # first-stage endpoint -> window used
         self._calls: dict[bytes, _Call] = {}
+        self._admitting: dict[bytes, _Req] = {}  # ADMIT asked, no answer yet
         self._asked: dict[bytes, str] = {}  # ROUTE rid -> model
         self._route_retry: dict[str, float] = {}  # model -> when to ask for its route again
         self._ctl_out: collections.deque = collections.deque(maxlen=256)  # control messages not yet taken
@@ -397,7 +416,10 @@ class Client:
             poller.register(self._waker, zmq.POLLIN)
             for sock, flags in self._links.poll_flags():
                 poller.register(sock, flags)
-            events = dict(poller.poll(5 if (self._ctl_out or self._delayed) else 20))
+            wait_ms = 5 if self._ctl_out else 20
+            if self._delayed:  # a planned send time: wake for it (to the millisecond)
+                wait_ms = min(wait_ms, max(0, int((self._delayed[0][0] - time.monotonic()) * 1000)))
+            events = dict(poller.poll(wait_ms))
             if self._waker.fileno() in events:
                 self._waker.drain()
             self._drain_commands()
@@ -448,13 +470,29 @@ class Client:
             if cmd[0] == "submit":
                 req: _Req = cmd[1]
                 self._pending[req.rid] = req
-                self._enqueue(req)
+                if req.due is None:
+                    self._enqueue(req)
+                else:
+                    self._ask_admission(req)
             elif cmd[0] == "call":
                 _, rid, frames, call = cmd
                 self._calls[rid] = call
                 self._to_coordinator(frames)
 
     # --- sending -------------------------------------------------------------------------------
+    def _ask_admission(self, req: _Req) -> None:
+        """ADMIT under the request's own id: the answer says when to send it, or why not."""
+        left_ms = (req.due - time.monotonic()) * 1000  # type: ignore[operator]
+        try:
+            frames = P.encode(Msg.ADMIT, req.rid, self.cfg.control_timeout_ms, {
+                "mdl": req.model, "body": {"user": req.info.user[:P.MAX_USER_CHARS], "deadline_ms": max(left_ms, 0.001),
+                                           "bytes": int(req.x.numel() * req.x.element_size())}})
+        except ProtocolError as e:
+            self._finish(req.rid, UnknownModel(f"bad model name: {e}"))
+            return
+        self._admitting[req.rid] = req
+        self._to_coordinator(frames)
+
     def _enqueue(self, req: _Req) -> None:
         if req.not_before > time.monotonic():
             heapq.heappush(self._delayed, (req.not_before, next(self._seq), req))
@@ -482,7 +520,7 @@ class Client:
                     heapq.heappop(heap)
                     self._expire(req)
                     continue
-                hop = self._pick(route)
+                hop = route.hops[0] if req.scheduled else self._pick(route)  # admitted: the planned worker, now
                 if hop is None:
                     break  # every first-stage worker has its window full: wait for ACKs
                 heapq.heappop(heap)
@@ -598,6 +636,10 @@ class Client:
             except ProtocolError as e:
                 self._fail_model(model, e)
             return
+        req = self._admitting.pop(msg.rid, None)
+        if req is not None:
+            self._on_admission(req, msg)
+            return
         call = self._calls.pop(msg.rid, None)
         if call is None:
             return  # HELLO replies and late answers
@@ -606,6 +648,22 @@ class Client:
             _fail(call.future, P.error_from_wire(code, reason))
         else:
             _resolve(call.future, msg)
+
+    def _on_admission(self, req: _Req, msg: P.Message) -> None:
+        """The admission's answer: refused (its reason), or sent when the plan says."""
+        if req.done:
+            return
+        if msg.type == Msg.ERROR:
+            code, reason = msg.get("err")
+            req.info.admitted = False if code == Err.DEADLINE_UNMEETABLE else None
+            self._finish(req.rid, P.error_from_wire(code, reason))
+            return
+        plan = {k: v for k, v in msg.body.items() if isinstance(v, (int, float, str))}
+        send_in = plan.get("send_in_ms", 0.0)
+        req.info.admitted, req.info.plan = True, plan
+        req.scheduled = True
+        req.not_before = time.monotonic() + (send_in / 1000.0 if isinstance(send_in, (int, float)) else 0.0)
+        self._enqueue(req)
 
     def _on_notice(self, msg: P.Message) -> None:
         name = str(msg.body.get("lost", ""))
@@ -650,6 +708,14 @@ class Client:
             return
         req.info.output_bytes = msg.payload_bytes
         req.info.trace = list(msg.get("trc", []))
+        late_s = time.monotonic() - req.due if req.due is not None else 0.0
+        if late_s > 0:  # never a late result handed out as on time
+            req.info.late_ms = late_s * 1000
+            self._finish(msg.rid, DeadlineMissed(
+                f"the result for {req.model} came {late_s * 1000:.1f} ms after its deadline of "
+                f"{req.info.deadline_ms:g} ms (planned end {req.info.plan.get('end_ms', '?')} ms after admission); "
+                "it is in this exception's .result", late_s * 1000, y))
+            return
         self._finish(msg.rid, None, y)
 
     def _on_error(self, req: _Req, msg: P.Message, current: bool = False) -> None:
@@ -702,6 +768,7 @@ class Client:
         req = self._pending.pop(rid, None)
         if req is None:
             return
+        self._admitting.pop(rid, None)
         self._release(req)
         req.x = None  # type: ignore[assignment]  # the input is no longer needed for a replay
         req.info.t_done = time.time()
@@ -714,6 +781,10 @@ class Client:
         for req in list(self._pending.values()):
             if now > req.deadline:
                 self._expire(req)
+            elif req.rid in self._admitting and req.due is not None and now > req.due:
+                self._finish(req.rid, RequestTimeout(
+                    f"the coordinator {self.cfg.coordinator} did not answer the admission of a request for {req.model} "
+                    f"before its deadline of {req.info.deadline_ms:g} ms; is it running?"))
             elif req.lost_at is not None and now > req.lost_at:
                 self._replay(req, WorkerLost(req.lost_reason))
         self._links.expire(now)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import signal
 import threading
 import time
@@ -44,7 +45,7 @@ import zmq
 
 from edgesplit.partitioner import BlockStore, EdgesplitError, ModelManifest
 
-from . import protocol as P
+from . import admission, protocol as P
 from .config import human_size, opt
 from .errors import DeployError, NotDeployed, ProtocolError, RuntimeFailure, UnknownModel
 from .links import LinkSpec
@@ -61,6 +62,7 @@ log = logging.getLogger("edgesplit.coordinator")
 RETRY_INIT_S = 1.0  # a repair deploy that failed on a worker is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this
 MAX_ROUTE_WAITERS = 4096  # ROUTE questions parked while a model is being (re)deployed
+UNPROFILED_STAGE_MS = 100.0  # a stage never run nor profiled is planned with this compute time
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,15 @@ class CoordinatorConfig:
     liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent heartbeat intervals before a worker is declared lost")
     deploy_timeout_ms: int = opt(300_000, "how long a plan may take to load on every worker")
     serve_cache_bytes: int = opt(256 * 1024**2, "block file bytes kept in memory for serving fetches")
+    scheduler: str = opt("auto", "how requests submitted with a deadline are admitted and ordered: auto (the DP "
+                                 "capped at 8 ms, else the greedy), greedy, dp, fcfs (first come first served), "
+                                 "edf, oblivious-greedy (blind to shared blocks), none (admit all, send at once)",
+                         choices=admission.scheduler_names())
+    admission_window_ms: float = opt(5.0, "how long requests with a deadline gather before one scheduling decision")
+    uplink_bytes: int = opt(0, "the clients' shared uplink in bytes/s as the link's spec or tc gives it (e.g. 2MB); "
+                               "uploads get serial slots of it (plans use 0.92 of it: TCP/IP framing); 0 = unlimited",
+                            alias="--uplink-rate")
+    admission_margin: float = opt(0.25, "inference is planned as (1 + margin) x the stages' median compute time")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
 
 
@@ -156,6 +167,9 @@ class Coordinator:
         self._last_plan = max((r.plan for r in self.records.values()), default=0)
         self._started = time.monotonic()
         self._announced_absent = False
+        self.admission = admission.Admission(cfg.scheduler, cfg.admission_window_ms / 1000.0, cfg.uplink_bytes,
+                                             cfg.admission_margin)
+        self.timed_prefetches: list[admission.PrefetchOrder] = []  # the plans' loads, sent when due
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
@@ -191,7 +205,8 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1)
+                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1, self.admission.due_at() or now + 1,
+                              self.timed_prefetches[0].at if self.timed_prefetches else now + 1)
                 events = dict(poller.poll(max(0, int((wake_at - now) * 1000))))
                 if self._waker.fileno() in events:
                     self._waker.drain()
@@ -203,6 +218,10 @@ class Coordinator:
                             break
                         self._dispatch(route[0], frames)
                 now = time.monotonic()
+                due = self.admission.due_at()
+                if due is not None and now >= due:
+                    self._admit(now)
+                self._send_timed_prefetches(now)
                 if now >= next_hb:
                     next_hb = now + interval
                     for rec in self.workers.values():
@@ -418,6 +437,7 @@ class Coordinator:
             if name in plan.waiting:
                 self._fail_plan(rid, Err.WORKER_LOST, f"worker {name} was lost while loading {plan.model}")
         self._end_prefetches(name, "was lost")
+        self.admission.forget([name])  # its server's admitted work is gone with it (replays resend at once)
         self._reconcile(time.monotonic())
 
     def _end_prefetches(self, name: str, what: str) -> None:
@@ -701,6 +721,79 @@ class Coordinator:
                 raise DeployError(f"worker {name}'s control queue is full; try again")
         self.prefetches[msg.rid] = _PrefetchOrder(ident, model, set(targets), time.monotonic() + msg.budget_ms / 1000.0)
 
+    # --- admission (scheduled requests) ----------------------------------------------------------
+    def _on_admit(self, ident: bytes, msg: P.Message) -> None:
+        """A request with a deadline asks to run: it waits for the window's decision (``admission``)."""
+        self.clients.refresh(ident)
+        model = P.check_model_name(msg.get("mdl"))
+        user = str(P.body_get(msg.body, "user", str, ""))[:P.MAX_USER_CHARS]
+        deadline_ms = float(P.body_get(msg.body, "deadline_ms", (int, float)))
+        nbytes = int(P.body_get(msg.body, "bytes", int, 0))
+        if not (math.isfinite(deadline_ms) and deadline_ms > 0) or nbytes < 0:
+            raise ProtocolError(f"bad message: ADMIT needs deadline_ms > 0 and bytes >= 0, got {deadline_ms}, {nbytes}")
+        self.route(model)  # an unknown or undeployed model is refused now, with the route's reason
+        now = time.monotonic()
+        self.admission.add(admission.Ask(ident, msg.rid, model, user, now + deadline_ms / 1000.0, nbytes, now))
+
+    def _admit(self, now: float) -> None:
+        """Close the admission window: answer every ask, queue the plans' prefetches."""
+        hosted: dict[str, admission.HostedModel] = {}
+        for model in self.records:
+            try:
+                route = self.route(model)
+                manifest = self._manifest(model)
+            except (RuntimeFailure, EdgesplitError):
+                continue  # no live route now: its asks are refused with the reason
+            times = [self._stage_ms(h.worker, model, h, manifest) for h in route.hops]
+            hosted[model] = admission.HostedModel(
+                tuple(h.worker for h in route.hops),
+                {f"{h.worker}:{b.id}": b.size_bytes for h in route.hops for b in manifest.blocks[h.start:h.end]},
+                sum(ms for ms, _ in times) / 1000.0, all(measured for _, measured in times))
+        resident: dict[str, frozenset[str]] = {}
+        rates: dict[str, float] = {}
+        for name, rec in self.workers.items():
+            ids = set()
+            for s in rec.info.stages:
+                if [s.model, s.hop] in rec.resident:
+                    try:
+                        ids.update(f"{name}:{b.id}" for b in self._manifest(s.model).blocks[s.start:s.end])
+                    except (RuntimeFailure, EdgesplitError):
+                        pass
+            resident[name] = frozenset(ids)
+            rates[name] = float(rec.cache.get("load_bytes_per_s", 0.0) or 0.0)
+        decisions, orders = self.admission.decide(now, hosted, resident, rates)
+        for d in decisions:
+            if d.admitted:
+                self._reply(d.ask.client, P.encode(Msg.ADMIT, d.ask.rid, 0, {"body": d.body()}))
+            else:
+                self._reply(d.ask.client, P.encode_error(d.ask.rid, Err.DEADLINE_UNMEETABLE, d.reason))
+        if orders:
+            self.timed_prefetches = sorted(self.timed_prefetches + orders, key=lambda o: o.at)
+
+    def _stage_ms(self, worker: str, model: str, hop: Any, manifest: ModelManifest) -> tuple[float, bool]:
+        """A stage's compute time and whether it was measured: the worker's reported median, else a guess.
+
+        The guess is the manifest's profile (another machine's) or ``UNPROFILED_STAGE_MS``.
+        """
+        rec = self.workers.get(worker)
+        for row in rec.stats if rec is not None else ():
+            if isinstance(row, list) and len(row) == 6 and row[0] == model and row[1] == hop.hop and row[2] > 0:
+                return float(row[3]), True
+        profiled = [b.forward_ms for b in manifest.blocks[hop.start:hop.end]]
+        if all(ms is not None for ms in profiled):
+            return float(sum(profiled)), False  # type: ignore[arg-type]
+        return UNPROFILED_STAGE_MS, False
+
+    def _send_timed_prefetches(self, now: float) -> None:
+        while self.timed_prefetches and self.timed_prefetches[0].at <= now:
+            order = self.timed_prefetches.pop(0)
+            frames = P.encode(Msg.PREFETCH, P.new_rid(), self.cfg.deploy_timeout_ms,
+                              {"body": {"model": order.model, "hint": list(order.hint)[:P.MAX_HINT_MODELS]}})
+            for name in order.workers:
+                rec = self.workers.get(name)
+                if rec is not None:
+                    send(self.sock, frames, route=[rec.ident])  # best effort: the request loads what is missing
+
     def _manifest(self, model: str) -> ModelManifest:
         """``model``'s manifest (re-read when its file changes)."""
         try:
@@ -879,7 +972,7 @@ class Coordinator:
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
         Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link, Msg.PREFETCH: _on_prefetch,
-        Msg.UNDEPLOY: _on_undeploy,
+        Msg.UNDEPLOY: _on_undeploy, Msg.ADMIT: _on_admit,
     }
 
 

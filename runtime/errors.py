@@ -52,6 +52,29 @@ class RequestTimeout(RuntimeFailure, TimeoutError):
     code_name = "TIMEOUT"
 
 
+class DeadlineUnmeetable(RuntimeFailure):
+    """The coordinator's admission refused the request: it cannot meet its deadline (the message says why).
+
+    Sent before any input moved, so refusing costs the user nothing but the answer.
+    """
+
+    code_name = "DEADLINE_UNMEETABLE"
+
+
+class DeadlineMissed(RuntimeFailure):
+    """An admitted request's result came after its deadline: never handed out as on time.
+
+    ``result`` is the output anyway (for callers that can still use it); ``late_ms`` is by how much it missed.
+    """
+
+    code_name = "TIMEOUT"
+
+    def __init__(self, message: str, late_ms: float = 0.0, result: object = None) -> None:
+        super().__init__(message)
+        self.late_ms = late_ms
+        self.result = result
+
+
 class Overloaded(RuntimeFailure):
     """A queue or table was full and the request was refused rather than queued without bound."""
 

@@ -47,8 +47,8 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import (BadInput, DeployError, NotDeployed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
-                     UnknownModel, WorkerLost)
+from .errors import (BadInput, DeadlineUnmeetable, DeployError, NotDeployed, Overloaded, ProtocolError,
+                     RequestTimeout, RuntimeFailure, UnknownModel, WorkerLost)
 
 if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
     raise ImportError("edgesplit's wire format needs a little-endian host")
@@ -81,6 +81,7 @@ ZMTP_HEARTBEAT_IVL_MS = 1000  # libzmq-level PING: kills dead TCP links, not hun
 ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
 ZMTP_HEARTBEAT_TTL_MS = 3000
 HANDSHAKE_IVL_MS = 5000
+MAX_USER_CHARS = 64  # a user label on ADMIT
 DEFAULT_BUDGET_MS = 30_000  # a request's deadline when the caller gives none
 MAX_BUDGET_MS = 24 * 3600 * 1000
 
@@ -114,6 +115,7 @@ class Msg(IntEnum):
     LINK = 18  # client -> coordinator -> a cut's sending worker: change the link's settings live; reply: the new ones
     PREFETCH = 19  # client -> coordinator -> the model's workers: make its stages resident now; reply: bytes and time
     UNDEPLOY = 20  # client -> coordinator: release a model everywhere (workers free its blocks); reply: bytes freed
+    ADMIT = 21  # client -> coordinator: may this request (model, user, deadline, input bytes) run? reply: when to send
 
 
 class Err(IntEnum):
@@ -132,6 +134,7 @@ class Err(IntEnum):
     TOO_LARGE = 11  # message above the size cap
     SHUTTING_DOWN = 12
     NAME_TAKEN = 13  # a READY under a worker name that another live worker holds
+    DEADLINE_UNMEETABLE = 14  # admission: the request cannot finish by its deadline (the reason says why)
 
 
 MSG_NAMES = {m.value: m.name for m in Msg}
@@ -152,6 +155,7 @@ _ERROR_CLASSES: dict[Err, type[RuntimeFailure]] = {
     Err.UNKNOWN_MODEL: UnknownModel, Err.NOT_DEPLOYED: NotDeployed,
     Err.BAD_INPUT: BadInput, Err.WORKER_LOST: WorkerLost, Err.TIMEOUT: RequestTimeout,
     Err.OVERLOADED: Overloaded, Err.DEPLOY_FAILED: DeployError, Err.MISSING_BLOCK: DeployError,
+    Err.DEADLINE_UNMEETABLE: DeadlineUnmeetable,
 }
 
 
@@ -240,6 +244,7 @@ REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
     Msg.ROUTE: frozenset({"mdl"}),
     Msg.READY: frozenset({"body"}),
     Msg.LINK: frozenset({"body"}),
+    Msg.ADMIT: frozenset({"body"}),  # and "mdl" when a client asks
 }
 TRACE_FIELDS = ("hop", "worker", "t_recv", "t_start", "t_end", "t_send", "bytes_out")
 

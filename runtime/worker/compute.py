@@ -11,7 +11,7 @@ has already failed it); so is one that cannot finish in time by the stage's medi
 compute time. Both are counted (``expired``) and reported in heartbeats.
 
 Statistics: each request of a batch records the batch's compute time (decode, forward,
-encode of the whole batch), the time it spent in compute; so ``StageStats`` counts
+encode of the whole batch, not the wait for missing blocks), the time it spent in compute; so ``StageStats`` counts
 requests and its median is what a request waits for a pass, as the expiry check needs.
 Counters (heartbeats, ``count_*`` in the coordinator's telemetry): ``computed`` requests,
 ``batches`` forward passes, ``batched`` requests that ran with others, ``batch_max`` the
@@ -72,6 +72,7 @@ class ComputeLoop:
     def __init__(self, worker: "Worker") -> None:
         w = self.w = worker
         self.counters: collections.Counter[str] = collections.Counter()
+        self.load_ms = 0.0  # the last pass's wait for its stage's blocks
         self.log = logging.getLogger(f"edgesplit.worker.{worker.name}.compute")
         self.batcher = Batcher(w.inq, w.cfg.max_batch, w.cfg.batch_wait_ms / 1000.0,
                                lambda key: w.stats.p50_ms(key) / 1000.0, hold=w.cfg.queue_depth)
@@ -136,7 +137,7 @@ class ComputeLoop:
                     d = done[i]
                     if d.error is None:
                         d.t_start, d.t_end = t_start, t_end
-                        w.stats.add(key, (t_end - t_start) * 1000)
+                        w.stats.add(key, (t_end - t_start) * 1000 - self.load_ms)
                         self.counters["computed"] += 1
                     else:
                         w.stats.add(key, None)
@@ -155,6 +156,7 @@ class ComputeLoop:
         If the batched pass raises, each input runs alone, so only the input that fails fails.
         """
         w = self.w
+        t_load = time.perf_counter()
         try:
             module = w.acquire(stage)
         except Exception as e:  # noqa: BLE001  (storage, device memory, a skeleton that does not fit: the worker serves on)
@@ -164,6 +166,7 @@ class ComputeLoop:
             msg = (f"worker {w.name} could not load stage {stage.info.hop} of {stage.info.model}: "
                    f"{type(e).__name__}: {e}; resend the request (a missing block is being fetched again)")
             return [(Err.NOT_DEPLOYED, msg) for _ in xs]
+        self.load_ms = (time.perf_counter() - t_load) * 1000  # not compute: the stage's statistics leave it out
         try:
             if w.cfg.stall_ms:  # a slow board: the stall is per request, as before batching
                 time.sleep(w.cfg.stall_ms * len(xs) / 1000.0)

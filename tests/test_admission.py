@@ -1,0 +1,227 @@
+"""Admission of requests with deadlines: the coordinator's window, its answers, and the live path.
+
+Pure part: ``runtime.admission.Admission`` on hand-made servers (what a window decides, upload
+slots on a finite link, the online state between windows). Live part: a coordinator and two
+worker processes on 127.0.0.1; clients submit with ``deadline_ms``/``user`` and get a result,
+``DeadlineUnmeetable`` at once (with the reason) or ``DeadlineMissed``: never a late result
+as if on time, never silence, also when a client leaves mid-stream or sends garbage.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+
+import pytest
+import torch
+import zmq
+
+from edgesplit.runtime import protocol as P
+from edgesplit.runtime.admission import Admission, Ask, HostedModel, group_servers, scheduler_names
+from edgesplit.runtime.errors import DeadlineMissed, DeadlineUnmeetable, UnknownModel
+from edgesplit.runtime.protocol import Err, Msg
+
+MB = 1_000_000
+
+
+def _hosted(worker: str, blocks: dict[str, int], infer_s: float) -> HostedModel:
+    return HostedModel((worker,), {f"{worker}:{b}": n for b, n in blocks.items()}, infer_s)
+
+
+def _ask(i: int, model: str, deadline: float, nbytes: int = 0, now: float = 100.0) -> Ask:
+    return Ask(b"c", i.to_bytes(16, "big"), model, f"u{i}", now + deadline, nbytes, now)
+
+
+# --- the decision, pure ----------------------------------------------------------------------
+def test_sharing_aware_groups_what_fifo_interleaves():
+    """Two variants sharing a 40 MB backbone and an unrelated model: the plan loads less than FIFO and serves more."""
+    hosted = {"A": _hosted("w0", {"bb": 40 * MB, "a": 5 * MB}, 0.01),
+              "B": _hosted("w0", {"bb": 40 * MB, "b": 5 * MB}, 0.01),
+              "U": _hosted("w0", {"u": 45 * MB}, 0.01)}
+    rate = {"w0": 100 * MB}  # a 45 MB model takes 450 ms to load
+    asks = [_ask(i, "AUB"[i % 3], 1.6) for i in range(12)]
+    served = {}
+    for name in ("fcfs", "greedy", "auto"):
+        adm = Admission(name, 0.005)
+        for a in asks:
+            adm.add(a)
+        decisions, prefetches = adm.decide(100.0, hosted, {"w0": frozenset()}, rate)
+        assert len(decisions) == len(asks)  # every ask answered
+        ok = [d for d in decisions if d.admitted]
+        served[name] = len(ok)
+        for d in ok:
+            assert d.end_in_s <= d.ask.deadline - 100.0 + 1e-9  # planned on time
+        for d in decisions:
+            if not d.admitted:
+                assert "deadline" in d.reason and d.ask.model in d.reason
+        assert all(p.workers == ("w0",) for p in prefetches)
+    assert served["greedy"] > served["fcfs"] and served["auto"] > served["fcfs"], served
+
+
+def test_windows_append_to_admitted_work_and_share_one_link():
+    """A second window starts after the first one's jobs and uploads; slots never overlap on the link."""
+    hosted = {"A": _hosted("w0", {"a": 1 * MB}, 0.02), "B": _hosted("w1", {"b": 1 * MB}, 0.02)}
+    adm = Admission("greedy", 0.005, uplink_rate_bytes_per_s=1 * MB)  # 200 KB take ~217 ms at 0.92 MB/s
+    for i in range(3):
+        adm.add(_ask(i, "A", 5.0, nbytes=200_000))
+    first, _ = adm.decide(100.0, hosted, {"w0": frozenset({"w0:a"})}, {"w0": 100 * MB, "w1": 100 * MB})
+    for i in range(3, 6):
+        adm.add(_ask(i, "AB"[i % 2], 5.0, nbytes=200_000, now=100.01))
+    second, _ = adm.decide(100.01, hosted, {"w0": frozenset(), "w1": frozenset()}, {"w0": 100 * MB, "w1": 100 * MB})
+    assert all(d.admitted for d in first + second)
+    slots = sorted([(100.0 + d.send_in_s, 100.0 + d.send_in_s + d.upload_s) for d in first] +
+                   [(100.01 + d.send_in_s, 100.01 + d.send_in_s + d.upload_s) for d in second])
+    for d in first + second:
+        assert d.upload_s == pytest.approx(200_000 / (0.92 * MB))
+    for (_, end), (start, _) in zip(slots, slots[1:]):
+        assert start >= end - 1e-9, slots  # one upload at a time
+    a_jobs = sorted([(d.start_in_s + 100.0, d.end_in_s + 100.0) for d in first] +
+                    [(d.start_in_s + 100.01, d.end_in_s + 100.01) for d in second if d.ask.model == "A"])
+    for (_, end), (start, _) in zip(a_jobs, a_jobs[1:]):
+        assert start >= end - 1e-9, a_jobs  # w0 runs one at a time, the second window after the first
+
+
+def test_refusal_names_the_reason():
+    hosted = {"A": _hosted("w0", {"a": 50 * MB}, 0.05)}
+    adm = Admission("auto", 0.005)
+    adm.add(_ask(0, "A", 0.2))
+    adm.add(_ask(1, "nope", 1.0))
+    d0, d1 = sorted(adm.decide(100.0, hosted, {}, {"w0": 100 * MB})[0], key=lambda d: d.ask.rid)
+    assert not d0.admitted and "loading 50.0 MB takes 500 ms" in d0.reason and "earliest result" in d0.reason
+    assert not d1.admitted and "no live route" in d1.reason
+
+
+def test_no_plan_admits_everything_at_once():
+    adm = Admission("none", 0.005, uplink_rate_bytes_per_s=1 * MB)
+    for i in range(4):
+        adm.add(_ask(i, "A", 0.001, nbytes=10 * MB))
+    decisions, prefetches = adm.decide(100.0, {"A": _hosted("w0", {"a": MB}, 1.0)}, {}, {})
+    assert all(d.admitted and d.send_in_s == 0 for d in decisions) and not prefetches
+
+
+def test_servers_merge_routes_that_share_a_worker():
+    hosted = {"A": HostedModel(("w0", "w1"), {}, 0.1), "B": HostedModel(("w1",), {}, 0.1),
+              "C": HostedModel(("w2", "w3"), {}, 0.1), "D": HostedModel(("w4",), {}, 0.1)}
+    assert group_servers(hosted) == {"A": "w0+w1", "B": "w0+w1", "C": "w2+w3", "D": "w4"}
+
+
+def test_unknown_scheduler_is_refused_with_the_choices():
+    with pytest.raises(Exception, match="choose one of"):
+        Admission("fastest", 0.005)
+    assert {"auto", "greedy", "fcfs", "oblivious-greedy", "none"} <= set(scheduler_names())
+
+
+# --- live ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live(model_store):
+    """A coordinator and two workers: vit_tiny on w0 (compute measured by a warm-up), dummy3 on w1."""
+    from edgesplit.runtime.cluster import LocalCluster, LocalClusterConfig
+
+    lc = LocalCluster(LocalClusterConfig(workers=2, port=0, torch_threads=1, heartbeat_ms=250),
+                      store=model_store["root"])
+    lc.start(timeout_s=90)
+    try:
+        cl = lc.client()
+        cl.deploy("vit_tiny_patch16_224", workers=["w0"])
+        cl.deploy("dummy3", workers=["w1"])
+        x = torch.randn(1, 3, 224, 224)
+        for _ in range(3):
+            cl.infer("vit_tiny_patch16_224", x)
+            cl.infer("dummy3", torch.zeros(1, 4))
+        time.sleep(0.6)  # a heartbeat carries the measured compute times to the coordinator
+        yield lc, cl
+    finally:
+        lc.stop()
+
+
+def _outcome(f: concurrent.futures.Future) -> str:
+    try:
+        f.result(timeout=60)
+        return "ok"
+    except DeadlineUnmeetable:
+        return "refused"
+    except DeadlineMissed:
+        return "late"
+
+
+def test_admitted_requests_are_planned_and_served(live, model_store):
+    lc, cl = live
+    ref = model_store["models"]["vit_tiny_patch16_224"]
+    xs = [torch.randn(1, 3, 224, 224) for _ in range(6)]
+    futs = [cl.submit("vit_tiny_patch16_224", x, deadline_ms=20_000, user=f"user{i}") for i, x in enumerate(xs)]
+    for i, (f, x) in enumerate(zip(futs, xs)):
+        torch.testing.assert_close(f.result(timeout=60), ref(x), rtol=1e-4, atol=1e-4)
+        assert f.info.admitted is True and f.info.user == f"user{i}" and f.info.late_ms == 0
+        assert f.info.latency_ms <= 20_000
+    ends = sorted(f.info.plan["end_ms"] for f in futs)
+    assert len(set(ends)) == len(ends)  # one job at a time on w0
+    assert all(f.info.plan["server"] == "w0" for f in futs)
+
+
+def test_unmeetable_deadline_is_refused_at_once_with_the_reason(live):
+    lc, cl = live
+    t0 = time.monotonic()
+    f = cl.submit("vit_tiny_patch16_224", torch.randn(1, 3, 224, 224), deadline_ms=3, user="hasty")
+    with pytest.raises(DeadlineUnmeetable, match="cannot be met for vit_tiny_patch16_224.*inference takes"):
+        f.result(timeout=10)
+    assert time.monotonic() - t0 < 1.0  # at once, not at a timeout
+    assert f.info.admitted is False and f.info.input_bytes == 0  # nothing was sent
+
+
+def test_overload_refuses_some_and_never_hands_out_late_results_as_on_time(live):
+    """40 requests at once over two models, 400 ms each: some are refused, each admitted one is planned in time."""
+    lc, cl = live
+    futs = [cl.submit("vit_tiny_patch16_224" if i % 2 else "dummy3",
+                      torch.randn(1, 3, 224, 224) if i % 2 else torch.zeros(1, 4), deadline_ms=400, user=f"u{i % 7}")
+            for i in range(40)]
+    outcomes = [_outcome(f) for f in futs]
+    assert "refused" in outcomes and outcomes.count("refused") < 40, outcomes
+    for f, o in zip(futs, outcomes):
+        if o == "ok":
+            assert f.info.latency_ms <= 400 + 1.0 and f.info.late_ms == 0
+        if o == "late":
+            assert f.info.late_ms > 0
+        if o != "refused":
+            assert f.info.plan["end_ms"] <= 400
+    vit_ok = sum(1 for i, o in enumerate(outcomes) if i % 2 and o != "refused")
+    assert vit_ok <= 400 / 30 + 1, outcomes  # w0 runs one at a time: no more than the window holds
+
+
+def test_unknown_model_and_bad_admit_get_clear_errors_and_the_coordinator_serves_on(live):
+    lc, cl = live
+    with pytest.raises(UnknownModel):
+        cl.submit("no_such_model", torch.zeros(1, 4), deadline_ms=100).result(timeout=10)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(lc.endpoint)
+    sock.RCVTIMEO = 5000
+    try:
+        bad = [{"mdl": "dummy3", "body": {"user": "x"}},  # no deadline
+               {"mdl": "dummy3", "body": {"deadline_ms": -5, "bytes": 10}},
+               {"mdl": "dummy3", "body": {"deadline_ms": float("nan")}},
+               {"mdl": "dummy3", "body": {"deadline_ms": 50, "bytes": "lots"}},
+               {"body": {"deadline_ms": 50}}]  # no model
+        for fields in bad:
+            rid = P.new_rid()
+            sock.send_multipart(P.encode(Msg.ADMIT, rid, 1000, fields))
+            reply = P.decode(sock.recv_multipart())
+            assert reply.rid == rid and reply.type == Msg.ERROR, fields
+            code, reason = reply.get("err")
+            assert code == Err.BAD_MESSAGE and reason, (fields, reason)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert _outcome(cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="after")) == "ok"
+
+
+def test_a_client_that_leaves_mid_stream_holds_nobody_back(live):
+    lc, cl = live
+    gone = lc.client()
+    for i in range(10):
+        gone.submit("vit_tiny_patch16_224", torch.randn(1, 3, 224, 224), deadline_ms=5_000, user=f"leaver{i}")
+    time.sleep(0.05)  # admitted, some sent, most waiting for their send time
+    gone.close()
+    futs = [cl.submit("vit_tiny_patch16_224", torch.randn(1, 3, 224, 224), deadline_ms=10_000, user="stayer")
+            for _ in range(3)]
+    assert [_outcome(f) for f in futs] == ["ok"] * 3
+    assert not math.isnan(futs[0].info.latency_ms)
