@@ -160,7 +160,7 @@ class Admission:
             resident: per worker, the "worker:block id"s its last report says are resident.
             load_rate: per worker, its measured load rate (bytes/s; <= 0 when not measured yet).
         """
-        asks, self.pending = self.pending, []
+        asks = list(self.pending)  # cleared once every ask has its answer (the caller answers them on an error)
         out: list[Decision] = []
         prefetches: list[PrefetchOrder] = []
         by_server: dict[str, list[Ask]] = {}
@@ -176,6 +176,7 @@ class Admission:
             decisions, orders = self._decide_server(now, key, by_server[key], models, resident, load_rate)
             out += decisions
             prefetches += orders
+        self.pending = []
         self.decided += len(out)
         self.admitted += sum(d.admitted for d in out)
         return out, prefetches

@@ -88,6 +88,10 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
                         "(.png/.jpg/...: resized to the model's input and ImageNet-normalised)")
     p.add_argument("--output", metavar="FILE.npy", default=None, help="save the output array here")
     p.add_argument("--top", type=int, default=5, help="print the top-K classes per sample (0 = none)")
+    p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
+                   help="schedule the request: the coordinator admits it only if the result can exist within MS, "
+                        "else refuses it at once and says why")
+    p.add_argument("--user", default="", help="who asks (with --deadline-ms; the coordinator plans per user)")
     _add_client(p)
 
 
@@ -179,7 +183,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         route = cl.route(args.model)
         x = load_input(args.input, route.input_shape)
         t0 = time.perf_counter()
-        y = cl.infer(args.model, x)
+        y = cl.submit(args.model, x, deadline_ms=args.deadline_ms, user=args.user).result()
         ms = (time.perf_counter() - t0) * 1000
     print(f"{args.model}: input {tuple(x.shape)} -> output {tuple(y.shape)} in {ms:.1f} ms "
           f"via {' -> '.join(route.workers)}")
@@ -294,7 +298,7 @@ def _run_up(args: argparse.Namespace) -> int:
             print(f"coordinator {lc.endpoint}, workers {', '.join(lc.names)} (logs in {lc.log_dir})")
             print(f"try:  edgesplit workers --coordinator {lc.endpoint}")
             if args.model and args.model != "none":
-                print(f"      python -c \"import numpy as np; np.save('x.npy', np.random.randn(3, 224, 224)"
+                print("      python -c \"import numpy as np; np.save('x.npy', np.random.randn(3, 224, 224)"
                       ".astype('float32'))\"")
                 print(f"      edgesplit infer --coordinator {lc.endpoint} --model {args.model} --input x.npy")
             print("Ctrl-C stops everything.", flush=True)

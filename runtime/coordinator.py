@@ -44,6 +44,7 @@ from typing import Any, Collection, Sequence
 import zmq
 
 from edgesplit.partitioner import BlockStore, EdgesplitError, ModelManifest
+from edgesplit.scheduling import ScheduleError
 
 from . import admission, protocol as P
 from .config import human_size, opt
@@ -732,6 +733,8 @@ class Coordinator:
         if not (math.isfinite(deadline_ms) and deadline_ms > 0) or nbytes < 0:
             raise ProtocolError(f"bad message: ADMIT needs deadline_ms > 0 and bytes >= 0, got {deadline_ms}, {nbytes}")
         self.route(model)  # an unknown or undeployed model is refused now, with the route's reason
+        if any(a.rid == msg.rid for a in self.admission.pending):
+            raise ProtocolError("bad message: this request id already waits for admission")
         now = time.monotonic()
         self.admission.add(admission.Ask(ident, msg.rid, model, user, now + deadline_ms / 1000.0, nbytes, now))
 
@@ -761,7 +764,14 @@ class Coordinator:
                         pass
             resident[name] = frozenset(ids)
             rates[name] = float(rec.cache.get("load_bytes_per_s", 0.0) or 0.0)
-        decisions, orders = self.admission.decide(now, hosted, resident, rates)
+        try:
+            decisions, orders = self.admission.decide(now, hosted, resident, rates)
+        except (ScheduleError, ValueError, ArithmeticError) as e:  # a bug or a state we did not foresee: say so
+            log.error("admission failed: %s: %s", type(e).__name__, e)
+            for ask in self.admission.pending:
+                self._reply(ask.client, P.encode_error(ask.rid, Err.INTERNAL, f"coordinator: admission failed: {e}"))
+            self.admission.pending.clear()
+            return
         for d in decisions:
             if d.admitted:
                 self._reply(d.ask.client, P.encode(Msg.ADMIT, d.ask.rid, 0, {"body": d.body()}))
