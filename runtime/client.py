@@ -662,7 +662,10 @@ class Client:
         send_in = plan.get("send_in_ms", 0.0)
         req.info.admitted, req.info.plan = True, plan
         req.scheduled = True
-        req.not_before = time.monotonic() + (send_in / 1000.0 if isinstance(send_in, (int, float)) else 0.0)
+        now = time.monotonic()
+        req.not_before = now + (send_in / 1000.0 if isinstance(send_in, (int, float)) else 0.0)
+        if req.model not in self.routes:
+            self._ask_route(req.model, now)  # known by the send time
         self._enqueue(req)
 
     def _on_notice(self, msg: P.Message) -> None:
