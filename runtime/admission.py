@@ -1,14 +1,22 @@
-"""Admission: the coordinator's short window of scheduled requests, and what it decides for each.
+"""Admission: the coordinator's short window of scheduled requests, what it decides, and when each may go.
 
 A request submitted with a deadline (``Client.submit(..., deadline_ms=, user=)``) asks the
 coordinator first (ADMIT: model, user, deadline, input bytes). Asks gather for
 ``admission_window_ms``; then, per *server*, one ``edgesplit.scheduling`` problem is built
-from the live state and solved by the configured scheduler. Every ask gets an answer at once:
+from the live state and solved by the configured scheduler. Every ask is answered at once:
 
-- admitted: when to start its upload (a slot of the shared uplink, or, on an unlimited
-  link, when its job's load is due) and when its result is planned;
+- admitted, with the plan's times (when it is planned to upload, start and end);
 - refused with ``DeadlineUnmeetable``, naming the reason (alone it would end too late, or
   admitting it would make admitted ones late).
+
+An admitted request is then **held** until the coordinator *releases* it (ADMIT with ``go``):
+at the start of its slot of the shared uplink, or, on an unlimited link, when its job's load
+is due. Until then it is re-planned with every later window: a window's problem is every held
+request of the server plus the new asks, so a request for a model that is queued anyway joins
+the others of that model instead of costing a second switch. A re-plan is adopted only when
+it keeps every held request (each still on time, as the evaluator checks); otherwise the new
+asks are planned after the held ones, whose plan stays as it was. Released work is never
+reordered. With ``--scheduler none`` everything is admitted and released at once.
 
 **How the single-server model maps onto a cluster.** PartialLoading plans one server that
 loads blocks and runs one request at a time. Here a *server* is a set of workers: the
@@ -20,40 +28,37 @@ in the plan and the same block on two workers is not. Loading a model costs its 
 bytes over all the server's workers at the slowest worker's measured load rate (loads run in
 parallel on the workers, so this only overestimates). A model's inference time is the sum
 of its stages' median compute times as the workers report them (before any, the manifest's
-profiled block times), times ``1 + margin`` plus a fixed allowance per hop.
+profiled block times), times ``1 + margin`` plus a fixed allowance per hop. The uplink is
+one link for all clients: a server's uploads are planned after the released uploads and
+the other servers' held ones, one at a time in service order, so a worker receives its
+requests in the plan's order.
 
-**Online, append-only.** Admitted work is never reordered: a window's plan starts when the
-server's admitted work is planned to end, with the last admitted model's blocks resident
-(or, on an idle server, the blocks its workers report resident). The uplink is one link for
-all clients: a window's uploads start after the uploads already admitted (their slots are
-serial, in service order, so arrival order at the workers is the plan's order).
-
-**Order and prefetches reach the workers** as the clients' send times (each request is sent
-when the plan says, so a worker serves them in plan order) and as PREFETCH orders the
-coordinator sends each worker at a switching job's planned load start, with the models that
-follow as the eviction hint.
+**Order and prefetches reach the workers** as the releases (each request is sent when the
+plan says) and as PREFETCH orders sent with a switching job's release, naming the models
+that follow as the eviction hint.
 
 Pure: no sockets; the caller passes the clock (``now``, monotonic seconds).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from edgesplit.scheduling import (ModelLibrary, Problem, Request, ScheduleError, ServerConfig, UplinkConfig,
-                                  create_scheduler, evaluate, list_schedulers)
+from edgesplit.scheduling import (ModelLibrary, Problem, Request, Schedule, ScheduleError, ServerConfig,
+                                  UplinkConfig, create_scheduler, evaluate, list_schedulers)
 
-NO_PLAN = "none"  # scheduler name: admit everything at once, no planning (the baseline of "all send at once")
+NO_PLAN = "none"  # scheduler name: admit everything and release it at once (the baseline of "all send at once")
 WIRE_EFFICIENCY = 0.92  # of a link's nominal rate, what a TCP upload delivers (IP/TCP/ZMTP framing, 1500 MTU)
-SEND_LEAD_S = 0.002  # on an unlimited link, a request is sent this long before its job's load is due
+SEND_LEAD_S = 0.002  # on an unlimited link, a request is released this long before its job's load is due
 HOP_ALLOWANCE_S = 0.002  # per stage: decode, encode and the next hop's transfer on top of compute
 DEFAULT_LOAD_RATE = 100e6  # bytes/s, until a worker has measured its own
+MAX_HELD_REPLAN = 64  # held requests of a server re-planned with a window; beyond, new asks go after them
 
 
 def scheduler_names() -> list[str]:
-    """What ``--scheduler`` accepts: the scheduling registry's names and ``none``."""
-    return [n for n in list_schedulers() if n not in ("exact",)] + [NO_PLAN]
+    """What ``--scheduler`` accepts: the scheduling registry's names (but the exponential oracle) and ``none``."""
+    return [n for n in list_schedulers() if n != "exact"] + [NO_PLAN]
 
 
 @dataclass(frozen=True)
@@ -80,39 +85,50 @@ class HostedModel:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The answer to one ask: admitted with its plan, or refused with the reason (times relative to the decision)."""
+class Job:
+    """An admitted request's place in its server's plan (absolute monotonic times)."""
 
     ask: Ask
-    admitted: bool
-    reason: str = ""
-    send_in_s: float = 0.0  # start the upload this long after the answer
-    upload_s: float = 0.0  # planned length of the upload (0: unlimited link)
-    start_in_s: float = 0.0  # planned start of its inference
-    end_in_s: float = 0.0  # planned end (the result)
-    method: str = ""
-    server: str = ""
+    server: str
+    admitted_at: float  # when its admission was answered: the plan's times are sent relative to it
+    send_at: float  # release: the client sends its input then
+    upload_end: float | None  # end of its upload slot (None: unlimited link, or nothing to send)
+    load_bytes: int
+    start: float
+    end: float
+    method: str
+    blocks: frozenset[str]  # its model's blocks: resident once it ran
 
-    def body(self) -> dict[str, object]:
-        """The ADMIT reply's body (milliseconds)."""
-        return {"send_in_ms": round(self.send_in_s * 1000, 3), "upload_ms": round(self.upload_s * 1000, 3),
-                "start_ms": round(self.start_in_s * 1000, 3), "end_ms": round(self.end_in_s * 1000, 3),
-                "method": self.method, "server": self.server}
+    def body(self, go: bool = False) -> dict[str, object]:
+        """An ADMIT answer's body: the plan in ms after the admission was answered (``go``: send now)."""
+        def ms(t: float) -> float:
+            return round((t - self.admitted_at) * 1000, 3)
+        upload = 0.0 if self.upload_end is None else round((self.upload_end - self.send_at) * 1000, 3)
+        body: dict[str, object] = {"send_in_ms": ms(self.send_at), "upload_ms": upload, "start_ms": ms(self.start),
+                                   "end_ms": ms(self.end), "method": self.method, "server": self.server}
+        if go:
+            body["go"] = True
+        return body
 
 
 @dataclass(frozen=True)
-class PrefetchOrder:
-    """Make ``model`` resident on ``workers`` at ``at`` (monotonic), evicting by ``hint``."""
+class Refusal:
+    ask: Ask
+    reason: str
 
-    at: float
-    workers: tuple[str, ...]
-    model: str
-    hint: tuple[str, ...]
+
+@dataclass(frozen=True)
+class Release:
+    """A held request whose time has come: tell its client to send; prefetch its model when it switches."""
+
+    job: Job
+    prefetch_workers: tuple[str, ...] = ()
+    hint: tuple[str, ...] = ()
 
 
 @dataclass
-class _Committed:
-    """A server's admitted work: when it is planned to end and what is resident then."""
+class _Released:
+    """A server's released work: when it is planned to end and what is resident then."""
 
     free_at: float = 0.0
     last_model: str | None = None
@@ -121,17 +137,18 @@ class _Committed:
 
 @dataclass
 class Admission:
-    """The admission window and the online state of every server and of the uplink."""
+    """The admission window, the held plan of every server, and what has been released."""
 
     scheduler: str = "auto"
     window_s: float = 0.005
     uplink_rate_bytes_per_s: float = 0.0  # nominal; 0 = unlimited
     margin: float = 0.25  # inference estimates are planned as (1 + margin) x estimate + allowance
-    pending: list[Ask] = field(default_factory=list)
-    committed: dict[str, _Committed] = field(default_factory=dict)
-    link_free_at: float = 0.0
-    decided: int = 0
-    admitted: int = 0
+    pending: list[Ask] = field(default_factory=list)  # asks of the open window
+    held: dict[str, list[Job]] = field(default_factory=dict)  # server -> admitted, not released, in plan order
+    released: dict[str, _Released] = field(default_factory=dict)
+    link_free_at: float = 0.0  # end of the last released upload slot
+    counts: dict[str, int] = field(default_factory=lambda: {"asked": 0, "admitted": 0, "refused": 0,
+                                                            "replans": 0, "replans_kept": 0})
 
     def __post_init__(self) -> None:
         if self.scheduler not in scheduler_names():
@@ -147,12 +164,18 @@ class Admission:
         self.pending.append(ask)
 
     def due_at(self) -> float | None:
-        """When the open window closes (None: no ask waits)."""
-        return self.pending[0].arrived + self.window_s if self.pending else None
+        """When the open window closes or the next held request is released (None: nothing waits)."""
+        times = [self.pending[0].arrived + self.window_s] if self.pending else []
+        times += [jobs[0].send_at for jobs in self.held.values() if jobs]
+        return min(times) if times else None
 
+    def window_due(self, now: float) -> bool:
+        return bool(self.pending) and now >= self.pending[0].arrived + self.window_s
+
+    # --- deciding -------------------------------------------------------------------------------
     def decide(self, now: float, hosted: Mapping[str, HostedModel], resident: Mapping[str, frozenset[str]],
-               load_rate: Mapping[str, float]) -> tuple[list[Decision], list[PrefetchOrder]]:
-        """Close the window: one decision per pending ask, and the prefetches the plans need.
+               load_rate: Mapping[str, float]) -> tuple[list[Job], list[Refusal]]:
+        """Close the window: every pending ask is admitted (a held job) or refused.
 
         Args:
             now: the decision time (monotonic s).
@@ -161,91 +184,147 @@ class Admission:
             load_rate: per worker, its measured load rate (bytes/s; <= 0 when not measured yet).
         """
         asks = list(self.pending)  # cleared once every ask has its answer (the caller answers them on an error)
-        out: list[Decision] = []
-        prefetches: list[PrefetchOrder] = []
+        admitted: list[Job] = []
+        refused: list[Refusal] = []
         by_server: dict[str, list[Ask]] = {}
         servers = group_servers(hosted)
         for ask in asks:
             if ask.model not in hosted:
-                out.append(Decision(ask, False, f"model {ask.model} has no live route right now (being deployed or "
-                                                "its workers were lost); ask again shortly"))
+                refused.append(Refusal(ask, f"model {ask.model} has no live route right now (being deployed or its "
+                                            "workers were lost); ask again shortly"))
                 continue
             by_server.setdefault(servers[ask.model], []).append(ask)
+        for key, jobs in self.held.items():
+            if any(servers.get(j.ask.model) != key for j in jobs):
+                self._expedite(key, now)  # a route moved: what the server held goes now, outside any plan
         for key in sorted(by_server):
             models = {m: h for m, h in hosted.items() if servers[m] == key}
-            decisions, orders = self._decide_server(now, key, by_server[key], models, resident, load_rate)
-            out += decisions
-            prefetches += orders
+            a, r = self._decide_server(now, key, by_server[key], models, resident, load_rate)
+            admitted += a
+            refused += r
         self.pending = []
-        self.decided += len(out)
-        self.admitted += sum(d.admitted for d in out)
-        return out, prefetches
+        self.counts["asked"] += len(asks)
+        self.counts["admitted"] += sum(1 for j in admitted if any(j.ask is a for a in asks))
+        self.counts["refused"] += len(refused)
+        return admitted, refused
 
     def _decide_server(self, now: float, key: str, asks: list[Ask], models: Mapping[str, HostedModel],
                        resident: Mapping[str, frozenset[str]], load_rate: Mapping[str, float]
-                       ) -> tuple[list[Decision], list[PrefetchOrder]]:
+                       ) -> tuple[list[Job], list[Refusal]]:
+        held = self.held.setdefault(key, [])
+        if self._solve is None:  # no plan: everything goes now
+            jobs = [Job(a, key, now, now, None, 0, now, a.deadline, NO_PLAN, frozenset()) for a in asks]
+            held.extend(jobs)
+            return jobs, []
+        rel = self.released.setdefault(key, _Released())
         workers = sorted({w for h in models.values() for w in h.workers})
-        if self._solve is None:
-            return [Decision(a, True, send_in_s=0.0, start_in_s=0.0, end_in_s=a.deadline - now, method=NO_PLAN,
-                             server=key) for a in asks], []
-        comm = self.committed.setdefault(key, _Committed())
-        start = max(0.0, comm.free_at - now)
-        if start > 0 and comm.last_model is not None:
-            r0 = comm.blocks
-        else:
-            r0 = frozenset().union(*(resident.get(w, frozenset()) for w in workers))
-        rates = [load_rate.get(w, 0.0) for w in workers]
-        rate = min((r for r in rates if r > 0), default=DEFAULT_LOAD_RATE)
+        rate = min((r for r in (load_rate.get(w, 0.0) for w in workers) if r > 0), default=DEFAULT_LOAD_RATE)
+        r0 = rel.blocks if rel.last_model is not None else frozenset().union(
+            *(resident.get(w, frozenset()) for w in workers))
+        others_link = max([self.link_free_at] + [j.upload_end for k, js in self.held.items() if k != key
+                                                 for j in js if j.upload_end is not None])
+        answered = {id(j.ask): j.admitted_at for j in held}
+        schedule = None
+        if held and len(held) <= MAX_HELD_REPLAN and all(j.method != "released-early" for j in held):  # re-plan the held ones with the new asks
+            self.counts["replans"] += 1
+            cands = [j.ask for j in held] + asks
+            problem = self._problem(now, cands, models, rate, rel.free_at, r0, others_link)
+            schedule = self._solve(problem)
+            if set(range(len(held))) <= set(schedule.order):
+                self.counts["replans_kept"] += 1
+                held.clear()
+            else:
+                schedule = None
+        if schedule is None:  # the new asks after the held ones, whose plan stays
+            cands = list(asks)
+            if held:
+                free_at, r0 = held[-1].end, held[-1].blocks
+            else:
+                free_at = rel.free_at
+            link = max([others_link] + [j.upload_end for j in held if j.upload_end is not None])
+            problem = self._problem(now, cands, models, rate, free_at, r0, link)
+            schedule = self._solve(problem)
+        jobs = self._jobs(now, key, problem, schedule, cands, models, answered)
+        held.extend(jobs)
+        served = {id(j.ask) for j in jobs}
+        new = {id(a) for a in asks}
+        admitted = [j for j in jobs if id(j.ask) in new]
+        refused = [Refusal(a, self._why_not(problem, cands.index(a), schedule, models))
+                   for a in asks if id(a) not in served]
+        return admitted, refused
+
+    def _problem(self, now: float, asks: Sequence[Ask], models: Mapping[str, HostedModel], rate: float,
+                 free_at: float, r0: frozenset[str], link_free_at: float) -> Problem:
         sizes: dict[str, int] = {}
         for h in models.values():
             sizes.update(h.blocks)
         library = ModelLibrary(sizes, {m: frozenset(h.blocks) for m, h in models.items()})
-        release = max(0.0, self.link_free_at - now)
+        release = max(0.0, link_free_at - now)
         reqs = [Request(a.rid.hex(), a.user, a.model, a.input_bytes, self.planned_infer_s(models[a.model]),
                         a.deadline - now, arrival_s=release) for a in asks]
-        problem = Problem(library, reqs, ServerConfig(rate, start_s=start, resident_blocks=r0),
-                          UplinkConfig(total_rate_bytes_per_s=self.plan_rate))
-        schedule = self._solve(problem)
-        jobs = schedule.timeline.jobs
-        slots = _upload_slots(jobs, [problem.requests[k].input_bytes for k in schedule.order], self.plan_rate)
-        out: list[Decision] = []
-        served = set(schedule.order)
-        for n, (k, job) in enumerate(zip(schedule.order, jobs)):
-            up = slots[n]
-            send_in = up[0] if up is not None else max(0.0, job.load_start_s - SEND_LEAD_S)
-            out.append(Decision(asks[k], True, send_in_s=send_in, upload_s=(up[1] - up[0]) if up else 0.0,
-                                start_in_s=job.start_s, end_in_s=job.end_s, method=schedule.method, server=key))
-        for k, ask in enumerate(asks):
-            if k not in served:
-                why = _why_not(problem, k, len(served), len(asks), start, schedule.method)
-                if not models[ask.model].measured:
-                    why += (f" (no worker has reported {ask.model}'s compute time yet: it was planned with a guess; "
-                            "run it once without a deadline to measure it)")
-                out.append(Decision(ask, False, why, method=schedule.method, server=key))
-        orders = []
-        for n, job in enumerate(jobs):
-            if job.load_bytes > 0:
-                hint = tuple(dict.fromkeys(j.model for j in jobs[n + 1:] if j.model != job.model))
-                orders.append(PrefetchOrder(now + job.load_start_s, models[job.model].workers, job.model, hint))
-        if jobs:
-            last = jobs[-1]
-            comm.free_at, comm.last_model = now + last.end_s, last.model
-            comm.blocks = frozenset(models[last.model].blocks)
-            ends = [s[1] for s in slots if s is not None]
-            if ends:
-                self.link_free_at = max(self.link_free_at, now + max(ends))
-        return out, orders
+        return Problem(library, reqs, ServerConfig(rate, start_s=max(0.0, free_at - now), resident_blocks=r0),
+                       UplinkConfig(total_rate_bytes_per_s=self.plan_rate))
+
+    def _jobs(self, now: float, key: str, problem: Problem, schedule: Schedule, cands: Sequence[Ask],
+              models: Mapping[str, HostedModel], answered: Mapping[int, float]) -> list[Job]:
+        """The schedule's jobs with absolute times; a held job keeps when its admission was answered."""
+        out = []
+        for k, t in zip(schedule.order, schedule.timeline.jobs):
+            ask = cands[k]
+            d = problem.requests[k].input_bytes
+            if math.isinf(self.plan_rate) or d == 0:
+                send, up_end = max(now, now + t.load_start_s - SEND_LEAD_S), None
+            else:
+                send, up_end = now + t.upload_end_s - d / self.plan_rate, now + t.upload_end_s
+            out.append(Job(ask, key, answered.get(id(ask), now), send, up_end, t.load_bytes, now + t.start_s,
+                           now + t.end_s, schedule.method, frozenset(models[ask.model].blocks)))
+        return out
 
     def planned_infer_s(self, h: HostedModel) -> float:
         """The inference time a plan reserves for one request of ``h``."""
         return h.infer_s * (1 + self.margin) + HOP_ALLOWANCE_S * len(h.workers)
 
-    def forget(self, workers: Sequence[str]) -> None:
-        """Drop the admitted state of servers that contain any of ``workers`` (lost or redeployed)."""
+    def _why_not(self, problem: Problem, k: int, schedule: Schedule, models: Mapping[str, HostedModel]) -> str:
+        why = why_refused(problem, k, schedule)
+        model = problem.requests[k].model
+        if not models[model].measured:
+            why += (f" (no worker has reported {model}'s compute time yet: it was planned with a guess; run it once "
+                    "without a deadline to measure it)")
+        return why
+
+    # --- releasing -------------------------------------------------------------------------------
+    def release_due(self, now: float) -> list[Release]:
+        """Held jobs whose send time has come, in plan order per server; the server's state moves past them."""
+        out: list[Release] = []
+        for key, jobs in self.held.items():
+            while jobs and jobs[0].send_at <= now:
+                out.append(self._release(key, jobs))
+        return out
+
+    def _release(self, key: str, jobs: list[Job]) -> Release:
+        job = jobs.pop(0)
+        rel = self.released.setdefault(key, _Released())
+        rel.free_at = max(rel.free_at, job.end)
+        if job.method != NO_PLAN:
+            rel.last_model, rel.blocks = job.ask.model, job.blocks
+        if job.upload_end is not None:
+            self.link_free_at = max(self.link_free_at, job.upload_end)
+        if job.load_bytes <= 0:
+            return Release(job)
+        hint = tuple(dict.fromkeys(j.ask.model for j in jobs if j.ask.model != job.ask.model))
+        return Release(job, tuple(sorted({b.rsplit(":", 1)[0] for b in job.blocks})), hint)
+
+    def _expedite(self, key: str, now: float) -> None:
+        """Everything ``key`` holds is released at once, and its state is forgotten."""
+        self.held[key] = [replace(j, send_at=now, method="released-early") for j in self.held.get(key, [])]
+        self.released.pop(key, None)
+
+    def forget(self, workers: Sequence[str], now: float) -> None:
+        """A worker was lost: its servers' held requests are released at once (they replay as any request does)."""
         gone = set(workers)
-        for key in list(self.committed):
+        for key in list(self.held):
             if gone & set(key.split("+")):
-                del self.committed[key]
+                self._expedite(key, now)
 
 
 def group_servers(hosted: Mapping[str, HostedModel]) -> dict[str, str]:
@@ -268,31 +347,19 @@ def group_servers(hosted: Mapping[str, HostedModel]) -> dict[str, str]:
     return {m: "+".join(sorted(members[find(h.workers[0])])) for m, h in hosted.items()}
 
 
-def _upload_slots(jobs: Sequence, sizes: Sequence[int], rate: float) -> list[tuple[float, float] | None]:
-    """Each served upload's slot on the shared link: serial, in service order, each ending at its planned end.
-
-    The schedulers' shared link serves uploads by service position; all of a window's
-    uploads are released together, so the link serves them one after another: upload n
-    holds the whole link during [u_n - D_n / B, u_n]. None: nothing to pace (no bytes, or an
-    unlimited link).
-    """
-    if math.isinf(rate):
-        return [None] * len(jobs)
-    return [(j.upload_end_s - d / rate, j.upload_end_s) if d > 0 else None for j, d in zip(jobs, sizes)]
-
-
-def _why_not(problem: Problem, k: int, served: int, asked: int, start_s: float, method: str) -> str:
+def why_refused(problem: Problem, k: int, schedule: Schedule) -> str:
     """Why request k was refused: alone it ends too late, or it would make admitted ones late."""
     r = problem.requests[k]
     alone = evaluate(problem, [k]).jobs[0]
+    start_s = problem.server.start_s
     if alone.end_s > r.deadline_s:
         load = (f"loading {alone.load_bytes / 1e6:.1f} MB takes {(alone.load_end_s - alone.load_start_s) * 1000:.0f} "
                 "ms, " if alone.load_bytes else "")
         queue = f"{start_s * 1000:.0f} ms of admitted work come first, " if start_s > 0 else ""
         upload = (f"its upload ends at {alone.upload_end_s * 1000:.0f} ms, "
-                  if alone.upload_end_s > problem.requests[k].arrival_s + 1e-9 else "")
+                  if alone.upload_end_s > r.arrival_s + 1e-9 else "")
         return (f"deadline {r.deadline_s * 1000:.0f} ms from now cannot be met for {r.model}: {queue}{load}{upload}"
                 f"inference takes {r.infer_s * 1000:.0f} ms, so the earliest result is at {alone.end_s * 1000:.0f} ms")
     return (f"deadline {r.deadline_s * 1000:.0f} ms for {r.model} fits alone, but not with the others: the "
-            f"{method} schedule admits {served} of the {asked} requests of this window and found no order that adds "
-            "this one without making one late")
+            f"{schedule.method} schedule admits {schedule.served} of the {len(problem.requests)} requests it planned "
+            "and found no order that adds this one without making an admitted one late")

@@ -396,6 +396,7 @@ class Client:
         self._unacked: collections.Counter[str] = collections.Counter()  # first-stage endpoint -> window used
         self._calls: dict[bytes, _Call] = {}
         self._admitting: dict[bytes, _Req] = {}  # ADMIT asked, no answer yet
+        self._held: dict[bytes, _Req] = {}  # admitted, waiting for the coordinator's release
         self._asked: dict[bytes, str] = {}  # ROUTE rid -> model
         self._route_retry: dict[str, float] = {}  # model -> when to ask for its route again
         self._ctl_out: collections.deque = collections.deque(maxlen=256)  # control messages not yet taken
@@ -636,7 +637,7 @@ class Client:
             except ProtocolError as e:
                 self._fail_model(model, e)
             return
-        req = self._admitting.pop(msg.rid, None)
+        req = self._admitting.pop(msg.rid, None) or self._held.pop(msg.rid, None)
         if req is not None:
             self._on_admission(req, msg)
             return
@@ -658,15 +659,16 @@ class Client:
             req.info.admitted = False if code == Err.DEADLINE_UNMEETABLE else None
             self._finish(req.rid, P.error_from_wire(code, reason))
             return
-        plan = {k: v for k, v in msg.body.items() if isinstance(v, (int, float, str))}
-        send_in = plan.get("send_in_ms", 0.0)
-        req.info.admitted, req.info.plan = True, plan
-        req.scheduled = True
+        req.info.admitted, req.info.plan = True, {k: v for k, v in msg.body.items() if isinstance(v, (int, float, str))}
         now = time.monotonic()
-        req.not_before = now + (send_in / 1000.0 if isinstance(send_in, (int, float)) else 0.0)
         if req.model not in self.routes:
             self._ask_route(req.model, now)  # known by the send time
-        self._enqueue(req)
+        if msg.body.get("go") is True:  # released: send now
+            req.scheduled = True
+            req.not_before = now
+            self._enqueue(req)
+        else:
+            self._held[req.rid] = req  # admitted: held until the coordinator releases it
 
     def _on_notice(self, msg: P.Message) -> None:
         name = str(msg.body.get("lost", ""))
@@ -772,6 +774,7 @@ class Client:
         if req is None:
             return
         self._admitting.pop(rid, None)
+        self._held.pop(rid, None)
         self._release(req)
         req.x = None  # type: ignore[assignment]  # the input is no longer needed for a replay
         req.info.t_done = time.time()
@@ -784,10 +787,11 @@ class Client:
         for req in list(self._pending.values()):
             if now > req.deadline:
                 self._expire(req)
-            elif req.rid in self._admitting and req.due is not None and now > req.due:
+            elif req.due is not None and now > req.due and (req.rid in self._admitting or req.rid in self._held):
+                what = "answer the admission of" if req.rid in self._admitting else "release the admitted"
                 self._finish(req.rid, RequestTimeout(
-                    f"the coordinator {self.cfg.coordinator} did not answer the admission of a request for {req.model} "
-                    f"before its deadline of {req.info.deadline_ms:g} ms; is it running?"))
+                    f"the coordinator {self.cfg.coordinator} did not {what} request for {req.model} before its "
+                    f"deadline of {req.info.deadline_ms:g} ms; is it running?"))
             elif req.lost_at is not None and now > req.lost_at:
                 self._replay(req, WorkerLost(req.lost_reason))
         self._links.expire(now)

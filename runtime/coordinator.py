@@ -170,7 +170,6 @@ class Coordinator:
         self._announced_absent = False
         self.admission = admission.Admission(cfg.scheduler, cfg.admission_window_ms / 1000.0, cfg.uplink_bytes,
                                              cfg.admission_margin)
-        self.timed_prefetches: list[admission.PrefetchOrder] = []  # the plans' loads, sent when due
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
@@ -206,8 +205,7 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1, self.admission.due_at() or now + 1,
-                              self.timed_prefetches[0].at if self.timed_prefetches else now + 1)
+                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1, self.admission.due_at() or now + 1)
                 events = dict(poller.poll(max(0, int((wake_at - now) * 1000))))
                 if self._waker.fileno() in events:
                     self._waker.drain()
@@ -219,10 +217,9 @@ class Coordinator:
                             break
                         self._dispatch(route[0], frames)
                 now = time.monotonic()
-                due = self.admission.due_at()
-                if due is not None and now >= due:
+                if self.admission.window_due(now):
                     self._admit(now)
-                self._send_timed_prefetches(now)
+                self._release_admitted(now)
                 if now >= next_hb:
                     next_hb = now + interval
                     for rec in self.workers.values():
@@ -438,7 +435,7 @@ class Coordinator:
             if name in plan.waiting:
                 self._fail_plan(rid, Err.WORKER_LOST, f"worker {name} was lost while loading {plan.model}")
         self._end_prefetches(name, "was lost")
-        self.admission.forget([name])  # its server's admitted work is gone with it (replays resend at once)
+        self.admission.forget([name], time.monotonic())  # what its server held goes now (and replays as usual)
         self._reconcile(time.monotonic())
 
     def _end_prefetches(self, name: str, what: str) -> None:
@@ -765,20 +762,30 @@ class Coordinator:
             resident[name] = frozenset(ids)
             rates[name] = float(rec.cache.get("load_bytes_per_s", 0.0) or 0.0)
         try:
-            decisions, orders = self.admission.decide(now, hosted, resident, rates)
+            admitted, refused = self.admission.decide(now, hosted, resident, rates)
         except (ScheduleError, ValueError, ArithmeticError) as e:  # a bug or a state we did not foresee: say so
             log.error("admission failed: %s: %s", type(e).__name__, e)
             for ask in self.admission.pending:
                 self._reply(ask.client, P.encode_error(ask.rid, Err.INTERNAL, f"coordinator: admission failed: {e}"))
             self.admission.pending.clear()
             return
-        for d in decisions:
-            if d.admitted:
-                self._reply(d.ask.client, P.encode(Msg.ADMIT, d.ask.rid, 0, {"body": d.body()}))
-            else:
-                self._reply(d.ask.client, P.encode_error(d.ask.rid, Err.DEADLINE_UNMEETABLE, d.reason))
-        if orders:
-            self.timed_prefetches = sorted(self.timed_prefetches + orders, key=lambda o: o.at)
+        for job in admitted:
+            self._reply(job.ask.client, P.encode(Msg.ADMIT, job.ask.rid, 0, {"body": job.body()}))
+        for r in refused:
+            self._reply(r.ask.client, P.encode_error(r.ask.rid, Err.DEADLINE_UNMEETABLE, r.reason))
+
+    def _release_admitted(self, now: float) -> None:
+        """Held requests whose time has come: their clients send now; a switching job's workers start loading."""
+        for r in self.admission.release_due(now):
+            job = r.job
+            self._reply(job.ask.client, P.encode(Msg.ADMIT, job.ask.rid, 0, {"body": job.body(go=True)}))
+            if r.prefetch_workers:
+                frames = P.encode(Msg.PREFETCH, P.new_rid(), self.cfg.deploy_timeout_ms,
+                                  {"body": {"model": job.ask.model, "hint": list(r.hint)[:P.MAX_HINT_MODELS]}})
+                for name in r.prefetch_workers:
+                    rec = self.workers.get(name)
+                    if rec is not None:
+                        send(self.sock, frames, route=[rec.ident])  # best effort: the request loads what is missing
 
     def _stage_ms(self, worker: str, model: str, hop: Any, manifest: ModelManifest) -> tuple[float, bool]:
         """A stage's compute time and whether it was measured: the worker's reported median, else a guess.
@@ -793,16 +800,6 @@ class Coordinator:
         if all(ms is not None for ms in profiled):
             return float(sum(profiled)), False  # type: ignore[arg-type]
         return UNPROFILED_STAGE_MS, False
-
-    def _send_timed_prefetches(self, now: float) -> None:
-        while self.timed_prefetches and self.timed_prefetches[0].at <= now:
-            order = self.timed_prefetches.pop(0)
-            frames = P.encode(Msg.PREFETCH, P.new_rid(), self.cfg.deploy_timeout_ms,
-                              {"body": {"model": order.model, "hint": list(order.hint)[:P.MAX_HINT_MODELS]}})
-            for name in order.workers:
-                rec = self.workers.get(name)
-                if rec is not None:
-                    send(self.sock, frames, route=[rec.ident])  # best effort: the request loads what is missing
 
     def _manifest(self, model: str) -> ModelManifest:
         """``model``'s manifest (re-read when its file changes)."""

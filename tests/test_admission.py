@@ -33,52 +33,80 @@ def _ask(i: int, model: str, deadline: float, nbytes: int = 0, now: float = 100.
 
 
 # --- the decision, pure ----------------------------------------------------------------------
-def test_sharing_aware_groups_what_fifo_interleaves():
-    """Two variants sharing a 40 MB backbone and an unrelated model: the plan loads less than FIFO and serves more."""
+def _run_online(name: str, hosted: dict, rate: dict, arrivals: list[tuple[float, Ask]], horizon: float
+                ) -> tuple[list, list, list]:
+    """Feed asks one window each (as they would arrive) and release jobs as time passes; (admitted, refused, released)."""
+    adm = Admission(name, 0.005)
+    admitted, refused, released = [], [], []
+    t = arrivals[0][0]
+    events = sorted(arrivals, key=lambda e: e[0])
+    while t <= horizon:
+        while events and events[0][0] <= t:
+            adm.add(events.pop(0)[1])
+        if adm.window_due(t) or (adm.pending and not events):
+            a, r = adm.decide(t, hosted, {"w0": frozenset()}, rate)
+            admitted += a
+            refused += r
+        released += [r.job for r in adm.release_due(t)]
+        t += 0.001
+    return admitted, refused, released
+
+
+def test_sharing_aware_groups_what_fifo_interleaves_even_one_ask_per_window():
+    """Variants sharing a 40 MB backbone and an unrelated model, asks 20 ms apart (one per window).
+
+    Held requests are re-planned with each window, so the plan groups models that FIFO interleaves:
+    it serves more, and every released job was planned on time.
+    """
     hosted = {"A": _hosted("w0", {"bb": 40 * MB, "a": 5 * MB}, 0.01),
               "B": _hosted("w0", {"bb": 40 * MB, "b": 5 * MB}, 0.01),
               "U": _hosted("w0", {"u": 45 * MB}, 0.01)}
     rate = {"w0": 100 * MB}  # a 45 MB model takes 450 ms to load
-    asks = [_ask(i, "AUB"[i % 3], 1.6) for i in range(12)]
+    arrivals = [(100.0 + 0.02 * i, _ask(i, "AUB"[i % 3], 2.0, now=100.0 + 0.02 * i)) for i in range(24)]
     served = {}
     for name in ("fcfs", "greedy", "auto"):
-        adm = Admission(name, 0.005)
-        for a in asks:
-            adm.add(a)
-        decisions, prefetches = adm.decide(100.0, hosted, {"w0": frozenset()}, rate)
-        assert len(decisions) == len(asks)  # every ask answered
-        ok = [d for d in decisions if d.admitted]
-        served[name] = len(ok)
-        for d in ok:
-            assert d.end_in_s <= d.ask.deadline - 100.0 + 1e-9  # planned on time
-        for d in decisions:
-            if not d.admitted:
-                assert "deadline" in d.reason and d.ask.model in d.reason
-        assert all(p.workers == ("w0",) for p in prefetches)
+        admitted, refused, released = _run_online(name, hosted, rate, arrivals, 104.0)
+        assert len(admitted) + len(refused) == len(arrivals)  # every ask answered, once
+        assert sorted(j.ask.rid for j in released) == sorted(j.ask.rid for j in admitted)  # every admitted one goes
+        for j in released:
+            assert j.end <= j.ask.deadline + 1e-9 and j.send_at <= j.start
+        for r in refused:
+            assert "deadline" in r.reason and r.ask.model in r.reason
+        ends = sorted((j.start, j.end) for j in released)
+        for (_, e), (s, _) in zip(ends, ends[1:]):
+            assert s >= e - 1e-9, ends  # one job at a time
+        served[name] = len(admitted)
     assert served["greedy"] > served["fcfs"] and served["auto"] > served["fcfs"], served
 
 
-def test_windows_append_to_admitted_work_and_share_one_link():
-    """A second window starts after the first one's jobs and uploads; slots never overlap on the link."""
+def test_uploads_get_serial_slots_across_windows_and_servers():
+    """Two servers behind one 1 MB/s link: every released upload slot is the link's alone."""
     hosted = {"A": _hosted("w0", {"a": 1 * MB}, 0.02), "B": _hosted("w1", {"b": 1 * MB}, 0.02)}
     adm = Admission("greedy", 0.005, uplink_rate_bytes_per_s=1 * MB)  # 200 KB take ~217 ms at 0.92 MB/s
+    rates = {"w0": 100 * MB, "w1": 100 * MB}
     for i in range(3):
         adm.add(_ask(i, "A", 5.0, nbytes=200_000))
-    first, _ = adm.decide(100.0, hosted, {"w0": frozenset({"w0:a"})}, {"w0": 100 * MB, "w1": 100 * MB})
-    for i in range(3, 6):
+    first, _ = adm.decide(100.0, hosted, {"w0": frozenset({"w0:a"})}, rates)
+    for i in range(3, 7):
         adm.add(_ask(i, "AB"[i % 2], 5.0, nbytes=200_000, now=100.01))
-    second, _ = adm.decide(100.01, hosted, {"w0": frozenset(), "w1": frozenset()}, {"w0": 100 * MB, "w1": 100 * MB})
-    assert all(d.admitted for d in first + second)
-    slots = sorted([(100.0 + d.send_in_s, 100.0 + d.send_in_s + d.upload_s) for d in first] +
-                   [(100.01 + d.send_in_s, 100.01 + d.send_in_s + d.upload_s) for d in second])
-    for d in first + second:
-        assert d.upload_s == pytest.approx(200_000 / (0.92 * MB))
+    second, _ = adm.decide(100.01, hosted, {"w0": frozenset(), "w1": frozenset()}, rates)
+    assert len(first) == 3 and len(second) == 4
+    released = []
+    t = 100.01
+    while t < 110 and any(adm.held.values()):
+        released += [r.job for r in adm.release_due(t)]
+        t += 0.001
+    assert len(released) == 7
+    slots = sorted((j.send_at, j.upload_end) for j in released)
+    for j in released:
+        assert j.upload_end - j.send_at == pytest.approx(200_000 / (0.92 * MB))
+        assert j.upload_end <= j.start + 1e-9 and j.end <= j.ask.deadline
     for (_, end), (start, _) in zip(slots, slots[1:]):
         assert start >= end - 1e-9, slots  # one upload at a time
-    a_jobs = sorted([(d.start_in_s + 100.0, d.end_in_s + 100.0) for d in first] +
-                    [(d.start_in_s + 100.01, d.end_in_s + 100.01) for d in second if d.ask.model == "A"])
-    for (_, end), (start, _) in zip(a_jobs, a_jobs[1:]):
-        assert start >= end - 1e-9, a_jobs  # w0 runs one at a time, the second window after the first
+    for w in ("A", "B"):
+        jobs = sorted((j.start, j.end) for j in released if j.ask.model == w)
+        for (_, end), (start, _) in zip(jobs, jobs[1:]):
+            assert start >= end - 1e-9, jobs
 
 
 def test_refusal_names_the_reason():
@@ -86,17 +114,31 @@ def test_refusal_names_the_reason():
     adm = Admission("auto", 0.005)
     adm.add(_ask(0, "A", 0.2))
     adm.add(_ask(1, "nope", 1.0))
-    d0, d1 = sorted(adm.decide(100.0, hosted, {}, {"w0": 100 * MB})[0], key=lambda d: d.ask.rid)
-    assert not d0.admitted and "loading 50.0 MB takes 500 ms" in d0.reason and "earliest result" in d0.reason
-    assert not d1.admitted and "no live route" in d1.reason
+    admitted, refused = adm.decide(100.0, hosted, {}, {"w0": 100 * MB})
+    assert not admitted
+    r0, r1 = sorted(refused, key=lambda r: r.ask.rid)
+    assert "loading 50.0 MB takes 500 ms" in r0.reason and "earliest result" in r0.reason
+    assert "no live route" in r1.reason
 
 
-def test_no_plan_admits_everything_at_once():
+def test_no_plan_admits_and_releases_everything_at_once():
     adm = Admission("none", 0.005, uplink_rate_bytes_per_s=1 * MB)
     for i in range(4):
         adm.add(_ask(i, "A", 0.001, nbytes=10 * MB))
-    decisions, prefetches = adm.decide(100.0, {"A": _hosted("w0", {"a": MB}, 1.0)}, {}, {})
-    assert all(d.admitted and d.send_in_s == 0 for d in decisions) and not prefetches
+    admitted, refused = adm.decide(100.0, {"A": _hosted("w0", {"a": MB}, 1.0)}, {}, {})
+    assert len(admitted) == 4 and not refused
+    released = adm.release_due(100.0)
+    assert len(released) == 4 and not any(r.prefetch_workers for r in released)
+
+
+def test_a_lost_worker_releases_what_its_server_held():
+    adm = Admission("greedy", 0.005)
+    for i in range(5):
+        adm.add(_ask(i, "A", 10.0))
+    admitted, _ = adm.decide(100.0, {"A": _hosted("w0", {"a": MB}, 0.5)}, {}, {"w0": 100 * MB})
+    assert len(admitted) == 5 and len(adm.release_due(100.0)) == 1  # the rest wait for their turn
+    adm.forget(["w0"], 100.1)
+    assert len(adm.release_due(100.1)) == 4
 
 
 def test_servers_merge_routes_that_share_a_worker():
