@@ -37,11 +37,13 @@ requests in the plan's order.
 plan says) and as PREFETCH orders sent with a switching job's release, naming the models
 that follow as the eviction hint.
 
-Pure: no sockets; the caller passes the clock (``now``, monotonic seconds).
+Pure: no sockets; the caller passes the clock (``now``, monotonic seconds; the perf counter only times decisions).
 """
 from __future__ import annotations
 
+import collections
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -149,6 +151,7 @@ class Admission:
     link_free_at: float = 0.0  # end of the last released upload slot
     counts: dict[str, int] = field(default_factory=lambda: {"asked": 0, "admitted": 0, "refused": 0,
                                                             "replans": 0, "replans_kept": 0})
+    decision_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2048))  # per window
 
     def __post_init__(self) -> None:
         if self.scheduler not in scheduler_names():
@@ -183,6 +186,7 @@ class Admission:
             resident: per worker, the "worker:block id"s its last report says are resident.
             load_rate: per worker, its measured load rate (bytes/s; <= 0 when not measured yet).
         """
+        t0 = time.perf_counter()
         asks = list(self.pending)  # cleared once every ask has its answer (the caller answers them on an error)
         admitted: list[Job] = []
         refused: list[Refusal] = []
@@ -206,7 +210,16 @@ class Admission:
         self.counts["asked"] += len(asks)
         self.counts["admitted"] += sum(1 for j in admitted if any(j.ask is a for a in asks))
         self.counts["refused"] += len(refused)
+        self.decision_ms.append((time.perf_counter() - t0) * 1000)
         return admitted, refused
+
+    def report(self) -> dict[str, object]:
+        """Counters and the decision time per window (p50, p99, max over the last 2,048 windows; ms)."""
+        ms = sorted(self.decision_ms)
+        pick = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 3)) if ms else (lambda q: 0.0)
+        return {"scheduler": self.scheduler, **self.counts, "windows": len(ms), "decision_ms_p50": pick(0.5),
+                "decision_ms_p99": pick(0.99), "decision_ms_max": pick(1.0),
+                "held": sum(len(j) for j in self.held.values())}
 
     def _decide_server(self, now: float, key: str, asks: list[Ask], models: Mapping[str, HostedModel],
                        resident: Mapping[str, frozenset[str]], load_rate: Mapping[str, float]

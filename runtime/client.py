@@ -210,6 +210,10 @@ class Client:
             self.routes[model] = Route.from_msg(P.body_get(msg.body, "route", dict))
         return self.routes[model]
 
+    def coordinator(self) -> dict[str, Any]:
+        """Who the coordinator is (endpoint, workers, heartbeat) and its ``admission`` counters and decision times."""
+        return dict(self._call(Msg.HELLO, {}, what="hello").body)
+
     def workers(self) -> list[WorkerInfo]:
         """Registered workers with their last telemetry, stage statistics and cache counters."""
         msg = self._call(Msg.WORKERS, {}, what="worker list")

@@ -468,7 +468,7 @@ class Coordinator:
         self.clients.refresh(ident)
         self._reply(ident, P.encode(Msg.HELLO, msg.rid, 0, {"body": {
             "coordinator": self.endpoint, "workers": len(self.workers), "heartbeat_ms": self.cfg.heartbeat_ms,
-            "liveness": self.cfg.liveness}}))
+            "liveness": self.cfg.liveness, "admission": self.admission.report()}}))
 
     def _on_route(self, ident: bytes, msg: P.Message) -> None:
         self.clients.refresh(ident)

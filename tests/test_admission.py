@@ -198,6 +198,9 @@ def test_admitted_requests_are_planned_and_served(live, model_store):
     ends = sorted(f.info.plan["end_ms"] for f in futs)
     assert len(set(ends)) == len(ends)  # one job at a time on w0
     assert all(f.info.plan["server"] == "w0" for f in futs)
+    report = cl.coordinator()["admission"]
+    assert report["scheduler"] == "auto" and report["admitted"] >= 6 and report["windows"] >= 1
+    assert 0 < report["decision_ms_p50"] <= report["decision_ms_p99"] <= report["decision_ms_max"]
 
 
 def test_unmeetable_deadline_is_refused_at_once_with_the_reason(live):
