@@ -12,7 +12,6 @@ the namespace this test creates.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -20,60 +19,20 @@ import time
 
 import pytest
 import torch
+from linkbed import limited_link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 RATE_BYTES_PER_S = 2_500_000  # tbf 20 mbit
 BURST_BYTES = 8 * 1024  # small, so short transfers do not measure the burst instead of the rate
 TAG = f"es{os.getpid() % 100000}"
-SUBNET = 10 + os.getpid() % 200  # 10.77.SUBNET.x: not the addresses of a parallel run
-
-
-def _sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
-
-
-def _netns_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for ip netns / tc"
-    if not shutil.which("ip") or not shutil.which("tc"):
-        return "needs the ip and tc commands (iproute2)"
-    probe = _sh("ip", "netns", "add", f"{TAG}probe")
-    if probe.returncode != 0:
-        return f"ip netns does not work here: {probe.stderr.strip()[:200]}"
-    _sh("ip", "netns", "del", f"{TAG}probe")
-    return None
 
 
 @pytest.fixture(scope="module")
 def far_link():
     """(near address, far address, namespace): a veth pair, far end in a namespace, tbf towards it."""
-    reason = _netns_reason()
-    if reason:
-        pytest.skip(reason)
-    ns, near_if, far_if = f"{TAG}ns", f"{TAG}a", f"{TAG}b"
-    near, far = f"10.77.{SUBNET}.1", f"10.77.{SUBNET}.2"
-    steps = [
-        ("ip", "netns", "add", ns),
-        ("ip", "link", "add", near_if, "type", "veth", "peer", "name", far_if),
-        ("ip", "link", "set", far_if, "netns", ns),
-        ("ip", "addr", "add", f"{near}/24", "dev", near_if),
-        ("ip", "link", "set", near_if, "up"),
-        ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{far}/24", "dev", far_if),
-        ("ip", "netns", "exec", ns, "ip", "link", "set", far_if, "up"),
-        ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"),
-        ("tc", "qdisc", "add", "dev", near_if, "root", "tbf", "rate", f"{RATE_BYTES_PER_S * 8}bit",
-         "burst", str(BURST_BYTES), "latency", "400ms"),
-    ]
-    try:
-        for step in steps:
-            r = _sh(*step)
-            if r.returncode != 0:
-                pytest.skip(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
-        yield near, far, ns
-    finally:
-        _sh("ip", "link", "del", near_if)
-        _sh("ip", "netns", "del", ns)
+    with limited_link(TAG, 77, RATE_BYTES_PER_S, BURST_BYTES) as link:
+        yield link
 
 
 @pytest.fixture(scope="module")

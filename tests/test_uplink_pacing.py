@@ -25,13 +25,13 @@ import concurrent.futures
 import contextlib
 import os
 import random
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from linkbed import limited_link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -53,55 +53,14 @@ EXTRA_MISSES = 5
 # one window and leaves the earliest deadline (132 ms) ~15 ms of slack after its 87 ms slot.
 WINDOW_MS = 25.0
 TAG = f"ep{os.getpid() % 100000}"
-SUBNET = 10 + os.getpid() % 200  # 10.78.SUBNET.x: not the addresses of a parallel run
 MODEL = "dm4"
-
-
-def _sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
-
-
-def _netns_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for ip netns / tc"
-    if not shutil.which("ip") or not shutil.which("tc"):
-        return "needs the ip and tc commands (iproute2)"
-    probe = _sh("ip", "netns", "add", f"{TAG}probe")
-    if probe.returncode != 0:
-        return f"ip netns does not work here: {probe.stderr.strip()[:200]}"
-    _sh("ip", "netns", "del", f"{TAG}probe")
-    return None
 
 
 @pytest.fixture(scope="module")
 def far_link():
     """(near address, far address, namespace): a veth pair, far end in a namespace, tbf towards it."""
-    reason = _netns_reason()
-    if reason:
-        pytest.skip(reason)
-    ns, near_if, far_if = f"{TAG}ns", f"{TAG}a", f"{TAG}b"
-    near, far = f"10.78.{SUBNET}.1", f"10.78.{SUBNET}.2"
-    steps = [
-        ("ip", "netns", "add", ns),
-        ("ip", "link", "add", near_if, "type", "veth", "peer", "name", far_if),
-        ("ip", "link", "set", far_if, "netns", ns),
-        ("ip", "addr", "add", f"{near}/24", "dev", near_if),
-        ("ip", "link", "set", near_if, "up"),
-        ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{far}/24", "dev", far_if),
-        ("ip", "netns", "exec", ns, "ip", "link", "set", far_if, "up"),
-        ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"),
-        ("tc", "qdisc", "add", "dev", near_if, "root", "tbf", "rate", f"{RATE_BYTES_PER_S * 8}bit",
-         "burst", str(BURST_BYTES), "latency", "400ms"),
-    ]
-    try:
-        for step in steps:
-            r = _sh(*step)
-            if r.returncode != 0:
-                pytest.skip(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
-        yield near, far, ns
-    finally:
-        _sh("ip", "link", "del", near_if)
-        _sh("ip", "netns", "del", ns)
+    with limited_link(TAG, 78, RATE_BYTES_PER_S, BURST_BYTES) as link:
+        yield link
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""A bandwidth-limited link for tests: a network namespace, a veth pair, and a token bucket (tc tbf) into it.
+
+Needs root, ``ip netns`` and ``tc`` (``skip_reason`` says what is missing). Traffic goes only to
+the two addresses made here, ``10.<net>.<subnet>.1`` (this namespace) and ``.2`` (the new one).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from typing import Iterator
+
+import pytest
+
+
+def sh(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
+
+
+def skip_reason(tag: str) -> str | None:
+    """Why a namespace test bed cannot be built here (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root for ip netns / tc"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs the ip and tc commands (iproute2)"
+    probe = sh("ip", "netns", "add", f"{tag}probe")
+    if probe.returncode != 0:
+        return f"ip netns does not work here: {probe.stderr.strip()[:200]}"
+    sh("ip", "netns", "del", f"{tag}probe")
+    return None
+
+
+@contextlib.contextmanager
+def limited_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) -> Iterator[tuple[str, str, str]]:
+    """(near address, far address, namespace): everything sent towards the far end passes the token bucket.
+
+    ``tag`` names the namespace and interfaces (unique per test process); ``net`` is the second
+    octet of the addresses (one per test module, so parallel runs do not collide). Skips the
+    test with the reason when the bed cannot be built; always removes what it made.
+    """
+    reason = skip_reason(tag)
+    if reason:
+        pytest.skip(reason)
+    subnet = 10 + os.getpid() % 200
+    ns, near_if, far_if = f"{tag}ns", f"{tag}a", f"{tag}b"
+    near, far = f"10.{net}.{subnet}.1", f"10.{net}.{subnet}.2"
+    steps = [
+        ("ip", "netns", "add", ns),
+        ("ip", "link", "add", near_if, "type", "veth", "peer", "name", far_if),
+        ("ip", "link", "set", far_if, "netns", ns),
+        ("ip", "addr", "add", f"{near}/24", "dev", near_if),
+        ("ip", "link", "set", near_if, "up"),
+        ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{far}/24", "dev", far_if),
+        ("ip", "netns", "exec", ns, "ip", "link", "set", far_if, "up"),
+        ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"),
+        ("tc", "qdisc", "add", "dev", near_if, "root", "tbf", "rate", f"{rate_bytes_per_s * 8}bit",
+         "burst", str(burst_bytes), "latency", "400ms"),
+    ]
+    try:
+        for step in steps:
+            r = sh(*step)
+            if r.returncode != 0:
+                pytest.skip(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
+        yield near, far, ns
+    finally:
+        sh("ip", "link", "del", near_if)
+        sh("ip", "netns", "del", ns)
