@@ -16,7 +16,10 @@ request of the server plus the new asks, so a request for a model that is queued
 the others of that model instead of costing a second switch. A re-plan is adopted only when
 it keeps every held request (each still on time, as the evaluator checks); otherwise the new
 asks are planned after the held ones, whose plan stays as it was. Released work is never
-reordered. With ``--scheduler none`` everything is admitted and released at once.
+reordered. Each result's client reports how late against the plan it came (DONE): a server
+found behind moves its held work later by that much (``observe``), so plans follow the
+workers rather than drift from them. With ``--scheduler none`` everything is admitted and
+released at once.
 
 **How the single-server model maps onto a cluster.** PartialLoading plans one server that
 loads blocks and runs one request at a time. Here a *server* is a set of workers: the
@@ -56,6 +59,9 @@ SEND_LEAD_S = 0.002  # on an unlimited link, a request is released this long bef
 HOP_ALLOWANCE_S = 0.002  # per stage: decode, encode and the next hop's transfer on top of compute
 DEFAULT_LOAD_RATE = 100e6  # bytes/s, until a worker has measured its own
 MAX_HELD_REPLAN = 64  # held requests of a server re-planned with a window; beyond, new asks go after them
+LAG_TOLERANCE_S = 0.005  # a server found this much behind its plan has its held work moved later
+MAX_LAG_S = 10.0  # a reported lag is believed up to this
+MAX_RUNNING = 8192  # released requests whose result is not reported yet (oldest forgotten first)
 
 
 def scheduler_names() -> list[str]:
@@ -150,7 +156,9 @@ class Admission:
     released: dict[str, _Released] = field(default_factory=dict)
     link_free_at: float = 0.0  # end of the last released upload slot
     counts: dict[str, int] = field(default_factory=lambda: {"asked": 0, "admitted": 0, "refused": 0,
-                                                            "replans": 0, "replans_kept": 0})
+                                                            "replans": 0, "replans_kept": 0, "lagged": 0})
+    running: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # rid -> (job, shift then)
+    shift: dict[str, float] = field(default_factory=dict)  # server -> how far its plan was moved later so far
     decision_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2048))  # per window
 
     def __post_init__(self) -> None:
@@ -217,7 +225,7 @@ class Admission:
         """Counters and the decision time per window (p50, p99, max over the last 2,048 windows; ms)."""
         ms = sorted(self.decision_ms)
         pick = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 3)) if ms else (lambda q: 0.0)
-        return {"scheduler": self.scheduler, **self.counts, "windows": len(ms), "decision_ms_p50": pick(0.5),
+        return {"scheduler": self.scheduler, **self.counts, "shift_ms": {k: round(v * 1000, 1) for k, v in self.shift.items()}, "windows": len(ms), "decision_ms_p50": pick(0.5),
                 "decision_ms_p99": pick(0.99), "decision_ms_max": pick(1.0),
                 "held": sum(len(j) for j in self.held.values())}
 
@@ -316,6 +324,10 @@ class Admission:
 
     def _release(self, key: str, jobs: list[Job]) -> Release:
         job = jobs.pop(0)
+        if job.method != NO_PLAN:
+            self.running[job.ask.rid] = (job, self.shift.get(key, 0.0))
+            while len(self.running) > MAX_RUNNING:
+                self.running.popitem(last=False)
         rel = self.released.setdefault(key, _Released())
         rel.free_at = max(rel.free_at, job.end)
         if job.method != NO_PLAN:
@@ -326,6 +338,31 @@ class Admission:
             return Release(job)
         hint = tuple(dict.fromkeys(j.ask.model for j in jobs if j.ask.model != job.ask.model))
         return Release(job, tuple(sorted({b.rsplit(":", 1)[0] for b in job.blocks})), hint)
+
+    def observe(self, client: bytes, rid: bytes, lag_s: float) -> float:
+        """A released request's result came ``lag_s`` after the end its client was given: keep the plan honest.
+
+        When its server is behind the plan (beyond what earlier reports already moved), the
+        server's released work is taken to end that much later and everything it holds moves
+        later too (its releases as well, on an unlimited link, so a lagging worker's queue does
+        not grow); the next window re-plans from there, refusing what no longer fits.
+        Returns how far the server's plan was moved (s).
+        """
+        entry = self.running.get(rid)
+        if entry is None or entry[0].ask.client != client or not math.isfinite(lag_s):
+            return 0.0  # unknown, already reported, or not this client's
+        job, shift_then = self.running.pop(rid)
+        key = job.server
+        behind = min(lag_s, MAX_LAG_S) - (self.shift.get(key, 0.0) - shift_then)
+        if behind <= LAG_TOLERANCE_S:
+            return 0.0
+        self.shift[key] = self.shift.get(key, 0.0) + behind
+        self.counts["lagged"] += 1
+        rel = self.released.setdefault(key, _Released())
+        rel.free_at += behind
+        self.held[key] = [replace(j, send_at=j.send_at + behind if j.upload_end is None else j.send_at,
+                                  start=j.start + behind, end=j.end + behind) for j in self.held.get(key, [])]
+        return behind
 
     def _expedite(self, key: str, now: float) -> None:
         """Everything ``key`` holds is released at once, and its state is forgotten."""

@@ -125,6 +125,7 @@ class _Req:
     not_before: float = 0.0  # wait before (re)sending (the worker said OVERLOADED, or the admission's send time)
     due: float | None = None  # monotonic: the deadline the admission planned for (None: not scheduled)
     scheduled: bool = False  # admitted: sent when the plan says, to the route's planned first worker
+    admitted_at: float = 0.0  # monotonic: when the admission's answer came (the plan's times count from it)
 
     @property
     def done(self) -> bool:
@@ -665,6 +666,8 @@ class Client:
             return
         req.info.admitted, req.info.plan = True, {k: v for k, v in msg.body.items() if isinstance(v, (int, float, str))}
         now = time.monotonic()
+        if not req.admitted_at:
+            req.admitted_at = now
         if req.model not in self.routes:
             self._ask_route(req.model, now)  # known by the send time
         if msg.body.get("go") is True:  # released: send now
@@ -717,6 +720,11 @@ class Client:
             return
         req.info.output_bytes = msg.payload_bytes
         req.info.trace = list(msg.get("trc", []))
+        if req.scheduled:  # the coordinator keeps its plan honest with how late against it the result came
+            end = req.info.plan.get("end_ms")
+            if isinstance(end, (int, float)):
+                lag_ms = (time.monotonic() - req.admitted_at) * 1000 - end
+                self._to_coordinator(P.encode(Msg.DONE, req.rid, 0, {"body": {"lag_ms": round(lag_ms, 3)}}))
         late_s = time.monotonic() - req.due if req.due is not None else 0.0
         if late_s > 0:  # never a late result handed out as on time
             req.info.late_ms = late_s * 1000

@@ -774,6 +774,14 @@ class Coordinator:
         for r in refused:
             self._reply(r.ask.client, P.encode_error(r.ask.rid, Err.DEADLINE_UNMEETABLE, r.reason))
 
+    def _on_done(self, ident: bytes, msg: P.Message) -> None:
+        """A client's report that an admitted request's result came (and how late against its plan)."""
+        self.clients.refresh(ident)
+        lag_ms = float(P.body_get(msg.body, "lag_ms", (int, float)))
+        moved = self.admission.observe(ident, msg.rid, lag_ms / 1000.0)
+        if moved > 0.05:
+            log.warning("admission: a server was %.0f ms behind its plan; its held requests moved later", moved * 1000)
+
     def _release_admitted(self, now: float) -> None:
         """Held requests whose time has come: their clients send now; a switching job's workers start loading."""
         for r in self.admission.release_due(now):
@@ -979,7 +987,7 @@ class Coordinator:
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
         Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link, Msg.PREFETCH: _on_prefetch,
-        Msg.UNDEPLOY: _on_undeploy, Msg.ADMIT: _on_admit,
+        Msg.UNDEPLOY: _on_undeploy, Msg.ADMIT: _on_admit, Msg.DONE: _on_done,
     }
 
 

@@ -116,6 +116,7 @@ class Msg(IntEnum):
     PREFETCH = 19  # client -> coordinator -> the model's workers: make its stages resident now; reply: bytes and time
     UNDEPLOY = 20  # client -> coordinator: release a model everywhere (workers free its blocks); reply: bytes freed
     ADMIT = 21  # client -> coordinator: may this request (model, user, deadline, input bytes) run? reply: when to send
+    DONE = 22  # client -> coordinator: an admitted request's result came, ``lag_ms`` after its planned end (no reply)
 
 
 class Err(IntEnum):
@@ -245,6 +246,7 @@ REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
     Msg.READY: frozenset({"body"}),
     Msg.LINK: frozenset({"body"}),
     Msg.ADMIT: frozenset({"body"}),  # and "mdl" when a client asks
+    Msg.DONE: frozenset({"body"}),
 }
 TRACE_FIELDS = ("hop", "worker", "t_recv", "t_start", "t_end", "t_send", "bytes_out")
 

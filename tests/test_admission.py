@@ -141,6 +141,24 @@ def test_a_lost_worker_releases_what_its_server_held():
     assert len(adm.release_due(100.1)) == 4
 
 
+def test_a_server_behind_its_plan_moves_its_held_work_later_once():
+    adm = Admission("greedy", 0.005)
+    for i in range(4):
+        adm.add(_ask(i, "A", 10.0))
+    admitted, _ = adm.decide(100.0, {"A": _hosted("w0", {"a": MB}, 0.1)}, {}, {"w0": 100 * MB})
+    first = adm.release_due(100.0)[0].job
+    second = adm.release_due(100.2)[0].job  # released before anybody reported
+    held_before = [(j.send_at, j.end) for j in adm.held["w0"]]
+    assert adm.observe(b"someone else", first.ask.rid, 0.3) == 0  # not that client's request
+    assert adm.observe(b"c", first.ask.rid, 0.3) == pytest.approx(0.3)
+    assert [(j.send_at, j.end) for j in adm.held["w0"]] == [(a + 0.3, b + 0.3) for a, b in held_before]
+    assert adm.observe(b"c", first.ask.rid, 0.3) == 0  # reported once
+    assert adm.observe(b"c", second.ask.rid, 0.302) == 0  # the same lag again: already accounted for
+    third = adm.release_due(100.6)[0].job
+    assert third.end == pytest.approx(held_before[0][1] + 0.3)  # its client is told the moved plan
+    assert adm.report()["lagged"] == 1
+
+
 def test_servers_merge_routes_that_share_a_worker():
     hosted = {"A": HostedModel(("w0", "w1"), {}, 0.1), "B": HostedModel(("w1",), {}, 0.1),
               "C": HostedModel(("w2", "w3"), {}, 0.1), "D": HostedModel(("w4",), {}, 0.1)}
