@@ -57,6 +57,7 @@ NO_PLAN = "none"  # scheduler name: admit everything and release it at once (the
 WIRE_EFFICIENCY = 0.92  # of a link's nominal rate, what a TCP upload delivers (IP/TCP/ZMTP framing, 1500 MTU)
 SEND_LEAD_S = 0.002  # on an unlimited link, a request is released this long before its job's load is due
 HOP_ALLOWANCE_S = 0.002  # per stage: decode, encode and the next hop's transfer on top of compute
+END_GUARD_S = 0.01  # a plan ends every request this long before its deadline (the result's way back, jitter)
 DEFAULT_LOAD_RATE = 100e6  # bytes/s, until a worker has measured its own
 MAX_HELD_REPLAN = 64  # held requests of a server re-planned with a window; beyond, new asks go after them
 LAG_TOLERANCE_S = 0.005  # a server found this much behind its plan has its held work moved later
@@ -225,7 +226,9 @@ class Admission:
         """Counters and the decision time per window (p50, p99, max over the last 2,048 windows; ms)."""
         ms = sorted(self.decision_ms)
         pick = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 3)) if ms else (lambda q: 0.0)
-        return {"scheduler": self.scheduler, **self.counts, "shift_ms": {k: round(v * 1000, 1) for k, v in self.shift.items()}, "windows": len(ms), "decision_ms_p50": pick(0.5),
+        return {"scheduler": self.scheduler, **self.counts,
+                "shift_ms": {k: round(v * 1000, 1) for k, v in self.shift.items()}, "windows": len(ms),
+                "decision_ms_p50": pick(0.5),
                 "decision_ms_p99": pick(0.99), "decision_ms_max": pick(1.0),
                 "held": sum(len(j) for j in self.held.values())}
 
@@ -246,7 +249,8 @@ class Admission:
                                                  for j in js if j.upload_end is not None])
         answered = {id(j.ask): j.admitted_at for j in held}
         schedule = None
-        if held and len(held) <= MAX_HELD_REPLAN and all(j.method != "released-early" for j in held):  # re-plan the held ones with the new asks
+        replan = held and len(held) <= MAX_HELD_REPLAN and all(j.method != "released-early" for j in held)
+        if replan:  # re-plan the held ones with the new asks
             self.counts["replans"] += 1
             cands = [j.ask for j in held] + asks
             problem = self._problem(now, cands, models, rate, rel.free_at, r0, others_link)
@@ -282,7 +286,7 @@ class Admission:
         library = ModelLibrary(sizes, {m: frozenset(h.blocks) for m, h in models.items()})
         release = max(0.0, link_free_at - now)
         reqs = [Request(a.rid.hex(), a.user, a.model, a.input_bytes, self.planned_infer_s(models[a.model]),
-                        a.deadline - now, arrival_s=release) for a in asks]
+                        a.deadline - END_GUARD_S - now, arrival_s=release) for a in asks]
         return Problem(library, reqs, ServerConfig(rate, start_s=max(0.0, free_at - now), resident_blocks=r0),
                        UplinkConfig(total_rate_bytes_per_s=self.plan_rate))
 

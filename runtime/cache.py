@@ -166,11 +166,11 @@ class BlockCache:
                 return buf, buf.numel()
             if self.resident_bytes + self.pooled_bytes + self.reserved_bytes + need <= self.budget_bytes:
                 return None, need
-            if victims:
-                self.evict(victims.pop(0))  # its buffer joins the pool: the next turn may take it
-            elif self._pool:
+            if self._pool:  # spare buffers that do not fit go before anything resident
                 self._pool.sort(key=lambda b: b.numel())
                 self._pool.pop()
+            elif victims:
+                self.evict(victims.pop(0))  # its buffer joins the pool: the next turn may take it
             else:
                 self._make_room(need, block_id)  # raises with the numbers
 

@@ -59,7 +59,7 @@ from .types import Route, RouteHop, WorkerInfo
 
 log = logging.getLogger("edgesplit.client")
 NOT_DEPLOYED_RETRY_S = 0.05  # first replay after a worker's NOT_DEPLOYED; doubles per attempt
-OVERLOADED_RETRY_S = 0.01  # a first-stage worker that said OVERLOADED is tried again after this
+OVERLOADED_RETRY_S = 0.01  # a first-stage worker that said OVERLOADED is tried again after this, doubling to 0.5 s
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class _Req:
     due: float | None = None  # monotonic: the deadline the admission planned for (None: not scheduled)
     scheduled: bool = False  # admitted: sent when the plan says, to the route's planned first worker
     admitted_at: float = 0.0  # monotonic: when the admission's answer came (the plan's times count from it)
+    overloaded: int = 0  # OVERLOADED answers so far (the retry backs off)
 
     @property
     def done(self) -> bool:
@@ -748,8 +749,10 @@ class Client:
             self._replay(req, exc)
         elif code == Err.NOT_DEPLOYED:  # a re-plan, or a worker fetching a block again: give it a moment
             self._replay(req, exc, delay_s=min(NOT_DEPLOYED_RETRY_S * 2 ** req.att, 1.0))
-        elif code == Err.OVERLOADED and msg.get("hop", 0) == 0:
-            self._replay(req, exc, delay_s=OVERLOADED_RETRY_S, refresh_route=False, new_attempt=False)
+        elif code == Err.OVERLOADED and msg.get("hop", 0) == 0:  # backs off: a full worker is not hammered
+            req.overloaded += 1
+            self._replay(req, exc, delay_s=min(OVERLOADED_RETRY_S * 2 ** min(req.overloaded - 1, 6), 0.5),
+                         refresh_route=False, new_attempt=False)
         else:
             self._finish(req.rid, exc)
 
@@ -800,10 +803,14 @@ class Client:
             if now > req.deadline:
                 self._expire(req)
             elif req.due is not None and now > req.due and (req.rid in self._admitting or req.rid in self._held):
-                what = "answer the admission of" if req.rid in self._admitting else "release the admitted"
-                self._finish(req.rid, RequestTimeout(
-                    f"the coordinator {self.cfg.coordinator} did not {what} request for {req.model} before its "
-                    f"deadline of {req.info.deadline_ms:g} ms; is it running?"))
+                if req.rid in self._admitting:
+                    why = (f"the coordinator {self.cfg.coordinator} did not answer its admission before the deadline; "
+                           "is it running?")
+                else:
+                    why = ("it was admitted, but its server fell behind the plan and the coordinator had not released "
+                           "it by the deadline (nothing was sent)")
+                self._finish(req.rid, DeadlineMissed(f"request for {req.model} missed its deadline of "
+                                                     f"{req.info.deadline_ms:g} ms: {why}", 0.0))
             elif req.lost_at is not None and now > req.lost_at:
                 self._replay(req, WorkerLost(req.lost_reason))
         self._links.expire(now)

@@ -205,7 +205,8 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1, self.admission.due_at() or now + 1)
+                wake_at = min(next_hb, self.live.next_expiry() or next_hb, now + 0.1,
+                              self.admission.due_at() or now + 1)
                 events = dict(poller.poll(max(0, int((wake_at - now) * 1000))))
                 if self._waker.fileno() in events:
                     self._waker.drain()

@@ -24,7 +24,7 @@ from edgesplit.partitioner import EdgesplitError, ModelManifest
 
 from .. import protocol as P
 from ..config import human_size
-from ..errors import ProtocolError
+from ..errors import DeployError, ProtocolError
 from ..links import LinkSpec, check_link, codec_block, create_link_codec
 from ..protocol import Err, Msg
 from ..transport import send
@@ -277,7 +277,9 @@ class Deployer:
             try:
                 load, seconds = fut.result()
             except Exception as e:  # noqa: BLE001  (storage, device memory: this order only)
-                self.log.error("prefetch of %s failed: %s: %s", model, type(e).__name__, e)
+                # no room while other stages compute is the common case: the request loads what it needs itself
+                level = logging.INFO if isinstance(e, DeployError) else logging.ERROR
+                self.log.log(level, "prefetch of %s failed: %s: %s", model, type(e).__name__, e)
                 _reply(sock, P.encode_error(rid, Err.DEPLOY_FAILED, f"worker {self.w.name}: prefetch of {model}: "
                                                                     f"{type(e).__name__}: {e}"))
                 continue
