@@ -557,6 +557,11 @@ def run_policy(root: Path, args: argparse.Namespace, policy: str, window_ms: flo
             res["worker_telemetry"] = {}
             res["coordinator_error"] = f"{type(e).__name__}: {e}"
             print(f"  [{label}] after the trace the coordinator did not answer: {e}", flush=True)
+        if policy != "plain" and "coordinator_error" not in res:
+            try:  # counters and the decision time per window, as the live coordinator measured them
+                res["admission"] = cl.coordinator().get("admission", {})
+            except RuntimeFailure as e:
+                res["admission"] = {"error": f"{type(e).__name__}: {e}"}
         n_log = 20_000 if args.keep_logs or "coordinator_error" in res else 2000
         res["logs"] = {n: lc.log_tail(n, n_log) for n in ["coordinator", *lc.names]}
     res["summary"] = summarise(outs, users)
@@ -567,6 +572,11 @@ def run_policy(root: Path, args: argparse.Namespace, policy: str, window_ms: flo
     print(f"  [{label}] served {s['served']}/{s['submitted']}, rejected {s['rejected']}, late {s['late']}, "
           f"timeout {s['timeout']}, errors {s['error']}, hung {s['hung']}; Jain {s['jain']:.3f}; CPU s in the replay "
           + ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_s"].items()), flush=True)
+    adm = res.get("admission", {})
+    if "decision_ms_p99" in adm:
+        print(f"  [{label}] admission: {adm['windows']} windows (last 2,048), decision ms p50 {adm['decision_ms_p50']}, "
+              f"p99 {adm['decision_ms_p99']}, max {adm['decision_ms_max']}; re-plans kept {adm['replans_kept']} of "
+              f"{adm['replans']}; lag reports that moved a plan {adm['lagged']}", flush=True)
     return res
 
 
