@@ -59,6 +59,7 @@ SEND_LEAD_S = 0.002  # on an unlimited link, a request is released this long bef
 HOP_ALLOWANCE_S = 0.002  # per stage: decode, encode and the next hop's transfer on top of compute
 END_GUARD_S = 0.01  # a plan ends every request this long before its deadline (the result's way back, jitter)
 DEFAULT_LOAD_RATE = 100e6  # bytes/s, until a worker has measured its own
+MAX_PENDING_ASKS = 4096  # asks one window takes; beyond, an ask is refused as OVERLOADED
 MAX_HELD_REPLAN = 64  # held requests of a server re-planned with a window; beyond, new asks go after them
 LAG_TOLERANCE_S = 0.005  # a server found this much behind its plan has its held work moved later
 MAX_LAG_S = 10.0  # a reported lag is believed up to this

@@ -48,7 +48,7 @@ from edgesplit.scheduling import ScheduleError
 
 from . import admission, protocol as P
 from .config import human_size, opt
-from .errors import DeployError, NotDeployed, ProtocolError, RuntimeFailure, UnknownModel
+from .errors import DeployError, NotDeployed, Overloaded, ProtocolError, RuntimeFailure, UnknownModel
 from .links import LinkSpec
 from .liveness import PeerTable
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
@@ -731,6 +731,9 @@ class Coordinator:
         if not (math.isfinite(deadline_ms) and deadline_ms > 0) or nbytes < 0:
             raise ProtocolError(f"bad message: ADMIT needs deadline_ms > 0 and bytes >= 0, got {deadline_ms}, {nbytes}")
         self.route(model)  # an unknown or undeployed model is refused now, with the route's reason
+        if len(self.admission.pending) >= admission.MAX_PENDING_ASKS:
+            raise Overloaded(f"{admission.MAX_PENDING_ASKS} requests already wait for this admission window; "
+                             "submit fewer at once")
         if any(a.rid == msg.rid for a in self.admission.pending):
             raise ProtocolError("bad message: this request id already waits for admission")
         now = time.monotonic()
