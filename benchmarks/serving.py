@@ -80,6 +80,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from switching import fit_line  # the same fit as the switching benchmark (this folder is on sys.path)
+
 OUT = Path(__file__).resolve().parent / "out"
 # model -> (worker, family or None, first re-drawn block of a variant, weight seed)
 MODELS: dict[str, tuple[str, str | None, int, int]] = {
@@ -379,18 +381,6 @@ def cpu_seconds(lc: Any) -> dict[str, float]:
     t = psutil.Process().cpu_times()
     out["client"] = t.user + t.system
     return out
-
-
-def fit_line(points: list[tuple[float, float]]) -> dict[str, float]:
-    """Least squares ms = a + b * MB over (MB, ms) points, with R^2."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
-    a = my - b * mx
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - a - b * x) ** 2 for x, y in points)
-    return {"intercept_ms": a, "ms_per_mb": b, "r2": 1 - ss_res / ss_tot if ss_tot else 0.0, "n": len(points)}
 
 
 # ---------------------------------------------------------------- replay

@@ -76,7 +76,7 @@ def _build_store(root: Path, arch: str) -> dict[str, int]:
     return out
 
 
-def _fit(points: list[tuple[float, float]]) -> dict[str, float]:
+def fit_line(points: list[tuple[float, float]]) -> dict[str, float]:
     """Least squares ms = a + b * MB over (MB, ms) points, with R^2."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -110,7 +110,7 @@ def _one_cap(root: Path, cap: int, reps: int, sizes: dict[str, int], n_blocks: i
             rows += _orders(cl, SEQUENCE, rep, stage_bytes)
             print(f"  cap {_cap_name(cap)}: rep {rep + 1}/{reps} done", flush=True)
         cl.close()
-    fit = _fit([(r["loaded_mb"], r["ms"]) for r in rows])
+    fit = fit_line([(r["loaded_mb"], r["ms"]) for r in rows])
     cold: dict[int, float] = {}  # per rep, its first full load of V0 on w1 (after U2 and U)
     for r in rows:
         if (r["from"], r["to"], r["worker"]) == ("U", "V0", "w1") and r["loaded_mb"] >= 0.99 * r["stage_mb"]:
