@@ -176,14 +176,20 @@ class Admission:
     def add(self, ask: Ask) -> None:
         self.pending.append(ask)
 
+    @property
+    def window_end(self) -> float | None:
+        """When the open window closes (None: no ask waits)."""
+        return self.pending[0].arrived + self.window_s if self.pending else None
+
     def due_at(self) -> float | None:
         """When the open window closes or the next held request is released (None: nothing waits)."""
-        times = [self.pending[0].arrived + self.window_s] if self.pending else []
-        times += [jobs[0].send_at for jobs in self.held.values() if jobs]
+        times = [jobs[0].send_at for jobs in self.held.values() if jobs]
+        if self.window_end is not None:
+            times.append(self.window_end)
         return min(times) if times else None
 
     def window_due(self, now: float) -> bool:
-        return bool(self.pending) and now >= self.pending[0].arrived + self.window_s
+        return self.window_end is not None and now >= self.window_end
 
     # --- deciding -------------------------------------------------------------------------------
     def decide(self, now: float, hosted: Mapping[str, HostedModel], resident: Mapping[str, frozenset[str]],
@@ -218,7 +224,7 @@ class Admission:
             refused += r
         self.pending = []
         self.counts["asked"] += len(asks)
-        self.counts["admitted"] += sum(1 for j in admitted if any(j.ask is a for a in asks))
+        self.counts["admitted"] += len(admitted)
         self.counts["refused"] += len(refused)
         self.decision_ms.append((time.perf_counter() - t0) * 1000)
         return admitted, refused
@@ -275,8 +281,8 @@ class Admission:
         served = {id(j.ask) for j in jobs}
         new = {id(a) for a in asks}
         admitted = [j for j in jobs if id(j.ask) in new]
-        refused = [Refusal(a, self._why_not(problem, cands.index(a), schedule, models))
-                   for a in asks if id(a) not in served]
+        refused = [Refusal(a, self._why_not(problem, k, schedule, models))
+                   for k, a in enumerate(cands) if id(a) in new and id(a) not in served]
         return admitted, refused
 
     def _problem(self, now: float, asks: Sequence[Ask], models: Mapping[str, HostedModel], rate: float,
@@ -329,14 +335,13 @@ class Admission:
 
     def _release(self, key: str, jobs: list[Job]) -> Release:
         job = jobs.pop(0)
-        if job.method != NO_PLAN:
-            self.running[job.ask.rid] = (job, self.shift.get(key, 0.0))
-            while len(self.running) > MAX_RUNNING:
-                self.running.popitem(last=False)
         rel = self.released.setdefault(key, _Released())
         rel.free_at = max(rel.free_at, job.end)
         if job.method != NO_PLAN:
             rel.last_model, rel.blocks = job.ask.model, job.blocks
+            self.running[job.ask.rid] = (job, self.shift.get(key, 0.0))
+            while len(self.running) > MAX_RUNNING:
+                self.running.popitem(last=False)
         if job.upload_end is not None:
             self.link_free_at = max(self.link_free_at, job.upload_end)
         if job.load_bytes <= 0:

@@ -740,7 +740,7 @@ class Coordinator:
         self.admission.add(admission.Ask(ident, msg.rid, model, user, now + deadline_ms / 1000.0, nbytes, now))
 
     def _admit(self, now: float) -> None:
-        """Close the admission window: answer every ask, queue the plans' prefetches."""
+        """Close the admission window: every ask is answered now (admitted ones are released later)."""
         hosted: dict[str, admission.HostedModel] = {}
         for model in self.records:
             try:
