@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -98,6 +99,14 @@ class Codec(nn.Module):
     def check_received(self, h: wire.WireHeader) -> None:
         """Raise ``WireFormatError`` if a validated header does not fit this codec."""
 
+    def decoded_shape(self, h: wire.WireHeader) -> tuple[int, ...]:
+        """Shape ``decode`` returns for a header that passed ``check_received``.
+
+        Known from the header alone, so the receiver can refuse an oversized output before
+        the decoder allocates it. The default is the full-width shape (``decode_tensor`` as identity).
+        """
+        return h.shape
+
     # --- inference API ---------------------------------------------------------------------
     def _channel_axis(self, ndim: int) -> int:
         return self.axis
@@ -158,16 +167,30 @@ class Codec(nn.Module):
         Returns:
             The activation for the next stage, on this codec's device.
         Raises:
-            WireFormatError: malformed, inconsistent, or made by another codec/shape.
+            WireFormatError: malformed, inconsistent, made by another codec/shape, or asking for more
+                memory than ``limits`` allow (refused before anything that size is allocated).
         """
-        z, h = wire.unpack(header, frames, limits, check=self._check_header)
+        z, h = wire.unpack(header, frames, limits, check=lambda hdr: self._check_header(hdr, limits))
         return self.decode_tensor(z.to(self._device()), h.meta, None if h.kept is None else len(h.kept))
 
-    def _check_header(self, h: wire.WireHeader) -> None:
+    def _check_header(self, h: wire.WireHeader, limits: WireLimits = DEFAULT_LIMITS) -> None:
+        """The codec's checks, then the size of its output: everything a header can make this side allocate.
+
+        ``wire.parse_header`` has bounded the full-width tensor (``max_elements``, and ``max_expansion``
+        times the values received); ``check_received`` ties the header to this codec's own width,
+        budgets and meta, so the decoder's growth is the codec's fixed one; the output is capped here.
+        """
         if h.codec != self.kind:
             raise WireFormatError(f"activation was encoded by codec {h.codec!r} but this link decodes "
                                   f"{self.kind!r}; both ends must use the plan's codec for this link")
         self.check_received(h)
+        out = self.decoded_shape(h)
+        n = math.prod(out)
+        if n > limits.max_decoded_elements:
+            raise WireFormatError(f"codec {self.kind!r} would decode header shape {list(h.shape)} "
+                                  f"({h.n_kept} channels received) to {list(out)}: {n} elements, more than the "
+                                  f"limit {limits.max_decoded_elements}; raise WireLimits.max_decoded_elements "
+                                  "if this is legitimate")
 
     # --- accounting -------------------------------------------------------------------------
     def encoded_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -367,6 +390,10 @@ class FeatureMapCodec(FilteredCodec):
         lo = (s - 1) * self.r - 2 * self.r + (2 + self.r)  # ConvTranspose2d without output padding
         return lo, lo + self.r - 1
 
+    def decoded_shape(self, h: wire.WireHeader) -> tuple[int, ...]:
+        out_h, out_w = h.meta["out_hw"]
+        return (h.shape[0], self.channels, out_h, out_w)
+
     def decode_tensor(self, z: torch.Tensor, meta: Mapping[str, Any], budget: int | None = None) -> torch.Tensor:
         out_hw = list(meta["out_hw"]) if "out_hw" in meta else None
         y = self.decoder["conv"](z, output_size=out_hw)  # (N, C, H, W)
@@ -421,6 +448,9 @@ class TokenCodec(FilteredCodec):
     def encoded_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         n, t, _ = input_shape
         return (int(n), int(t), self.width)
+
+    def decoded_shape(self, h: wire.WireHeader) -> tuple[int, ...]:
+        return (h.shape[0], h.shape[1], self.dim)
 
     def decode_tensor(self, z: torch.Tensor, meta: Mapping[str, Any], budget: int | None = None) -> torch.Tensor:
         n, t, _ = z.shape

@@ -17,9 +17,10 @@ An activation crosses a link as::
 they cost nothing, and the receiver restores them as zeros.
 
 Everything here is pure numpy/torch. The receiving side (``unpack``) treats header and
-frames as untrusted: it checks types, the dtype allow-list, ranks and element counts
-against ``WireLimits``, index ranges and order, and that every frame has exactly the
-length the header implies, before it allocates anything the header asks for.
+frames as untrusted: it checks types, the dtype allow-list, ranks, element counts and how
+far the kept channels expand to full width against ``WireLimits``, index ranges and order,
+and that every frame has exactly the length the header implies, before it allocates
+anything the header asks for.
 ``simulate`` gives bit-for-bit the tensor that ``unpack(*pack(...))`` returns, without
 making bytes; training uses it for the link.
 """
@@ -42,6 +43,11 @@ SCALE_DTYPE = np.dtype("<f4")  # int8 per-channel scales
 INT8_MAX = 127  # symmetric int8: codes in [-127, 127]
 HEADER_KEYS = frozenset({"v", "codec", "dtype", "shape", "axis", "kept", "meta"})
 _TORCH_OF = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+# What one message may make its receiver allocate, refused before anything is allocated. The header, not the
+# frames, sets the size of the full-width tensor and of the decoder's output, so without a cap a few kept
+# channels under a huge claimed shape turn a small message into gigabytes (a flood amplifier).
+MAX_DECODED_ELEMENTS = 1 << 26  # 256 MiB as fp32: the largest fp32 tensor a raw link carries (256 MiB frame cap)
+MAX_EXPANSION = 1024  # full-width channels per kept channel: 4096 channels at the smallest budget (4) still fit
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class WireLimits:
 
     max_ndim: int = 8  # rank of the activation
     max_dim: int = 1 << 24  # largest single dimension
-    max_elements: int = 1 << 28  # full-width elements of one message (1 GiB as fp32)
+    max_elements: int = MAX_DECODED_ELEMENTS  # full-width elements of one message (what ``unpack`` allocates)
+    max_expansion: int = MAX_EXPANSION  # full-width / received values, i.e. shape[axis] / kept channels
+    max_decoded_elements: int = MAX_DECODED_ELEMENTS  # elements of a codec decoder's output
     max_codec_chars: int = 64  # length of the codec name
     max_meta_keys: int = 8  # entries in ``meta``
     max_meta_ints: int = 8  # ints in one ``meta`` value
@@ -309,6 +317,10 @@ def parse_header(header: Any, limits: WireLimits = DEFAULT_LIMITS) -> WireHeader
             raise WireFormatError(f"kept channel indices must be strictly increasing in [0, {width}), "
                                   f"got {str(kept)[:120]}")
         kept = tuple(kept)
+        if width > len(kept) * limits.max_expansion:  # bounds the full-width tensor by the frame's length
+            raise WireFormatError(f"header keeps {len(kept)} of {width} channels: {width / len(kept):.0f}x "
+                                  f"expansion of the received values, more than the limit {limits.max_expansion}; "
+                                  "raise WireLimits.max_expansion if this is legitimate")
     meta = header["meta"]
     if not isinstance(meta, Mapping) or len(meta) > limits.max_meta_keys:
         raise WireFormatError(f"meta must be a map of at most {limits.max_meta_keys} entries, got {str(meta)[:120]}")

@@ -21,7 +21,7 @@ _EXPORTS = {
     "LinkSpec": "links", "create_link_codec": "links",
     "RuntimeFailure": "errors", "ProtocolError": "errors", "UnknownModel": "errors", "BadInput": "errors",
     "WorkerLost": "errors", "RequestTimeout": "errors", "Overloaded": "errors", "DeployError": "errors",
-    "ConfigError": "errors", "DeadlineUnmeetable": "errors", "DeadlineMissed": "errors",
+    "ConfigError": "errors", "Forbidden": "errors", "DeadlineUnmeetable": "errors", "DeadlineMissed": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

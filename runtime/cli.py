@@ -8,10 +8,11 @@
     edgesplit infer --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --input x.npy
     edgesplit link --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --cut 0 --budget 8
 
-    # three boards: one coordinator, one worker per board
+    # three boards: one coordinator, one worker per board, keyed (see README "Security")
+    edgesplit keygen --role coordinator --out keys && edgesplit keygen --role worker --name board1 --out keys
     edgesplit partition vit_tiny_patch16_224 --store ./store
-    edgesplit coordinator --bind tcp://*:5555 --store ./store
-    edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store ./ws   # name: the host name
+    edgesplit coordinator --bind tcp://*:5555 --store ./store --keys coord-keys/
+    edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store ./ws --keys board1-keys/
 
 Subcommands' arguments are only built for the subcommand being run, so ``edgesplit --help``
 imports nothing heavy.
@@ -359,6 +360,30 @@ def _module_file_exists(module: str) -> bool:
     return any((Path(loc) / f"{leaf}.py").is_file() for loc in locations)
 
 
+# --- keys ----------------------------------------------------------------------------------------
+def _add_keygen(p: argparse.ArgumentParser) -> None:
+    from .security import ROLES
+
+    p.description = (
+        "Make a CURVE key pair for one daemon or client: NAME.key (public: copy it to every peer that must accept "
+        "this one) and NAME.key_secret (keep it on this machine only, mode 0600). Each process's --keys DIR holds "
+        "its own secret key and the public keys it accepts; the role written in a public key is what its holder "
+        "may do: coordinator; worker (registers, fetches blocks, runs stages); operator (deploys, undeploys, "
+        "changes links, and runs requests); user (asks routes and runs requests).")
+    p.add_argument("--role", required=True, choices=ROLES, help="what the key's holder may do")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the two files to (made if absent)")
+    p.add_argument("--name", default=None, help="file name and label of the key (default: the role; give workers, "
+                                                "operators and users their own, e.g. board1)")
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from .security import keygen
+
+    public, secret = keygen(args.role, args.out, args.name)
+    print(f"{args.role} key: public {public} (copy to peers' key directories), secret {secret} (keep here only)")
+    return 0
+
+
 def _delegate(module: str, adder: str, runner: str) -> tuple[Adder, Runner]:
     return (lambda p: getattr(importlib.import_module(module), adder)(p),
             lambda a: getattr(importlib.import_module(module), runner)(a))
@@ -374,6 +399,8 @@ def commands() -> dict[str, tuple[str, Adder, Runner]]:
         "infer": ("send one input (.npy or image) through a deployed model", _add_infer, _run_infer),
         "workers": ("list the workers and models a coordinator knows", _add_workers, _run_workers),
         "link": ("change a deployed link's budget, wire dtype or rate live (no redeploy)", _add_link, _run_link),
+        "keygen": ("make a CURVE key pair for a coordinator, worker, operator or user (keyed clusters)", _add_keygen,
+                   _run_keygen),
     }
     if _module_file_exists("edgesplit.partitioner.cli"):
         cmds["partition"] = ("store a timm model as content-addressed blocks plus a manifest",

@@ -48,11 +48,13 @@ import zmq
 
 from . import protocol as P
 from .config import from_mapping, opt
-from .errors import (DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel,
+from .errors import (ConfigError, DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel,
                      WorkerLost)
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
+from .security import Security, check_exposure, load_keys
+from .security.roles import CONNECT, RESULTS
 from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, drain, local_address_towards, router,
                         send)
 from .types import Route, RouteHop, WorkerInfo
@@ -82,6 +84,11 @@ class ClientConfig:
     heartbeat_ms: int = opt(P.HEARTBEAT_INTERVAL_MS, "interval of the client's HELLO to the coordinator")
     liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent intervals before the client reconnects to the coordinator")
     max_frame_bytes: int = opt(P.MAX_FRAME_BYTES, "largest result frame accepted")
+    keys: str | None = opt(None, "key directory (`edgesplit keygen --role user` or `--role operator`): this "
+                                 "client's secret key, the coordinator's public key and the workers' keys; "
+                                 "every connection is then CURVE-encrypted")
+    insecure: bool = opt(False, "allow a result socket beyond loopback without --keys (anyone who reaches it "
+                                "may forge results)")
 
 
 @dataclass
@@ -148,15 +155,26 @@ class Client:
         self.ident = b"c-" + P.new_rid()[:8].hex().encode()
         self.ctx = zmq.Context(io_threads=1)
         host = self.cfg.reply_host or local_address_towards(self.cfg.coordinator)
-        self._results, bound = router(self.ctx, f"tcp://{host}:{self.cfg.reply_port or '*'}",
-                                      SocketOptions(hwm_msgs=max(P.DATA_HWM_MSGS, 64),
-                                                    max_frame_bytes=self.cfg.max_frame_bytes))
+        bind = f"tcp://{host}:{self.cfg.reply_port or '*'}"
+        keys = load_keys(self.cfg.keys) if self.cfg.keys else None
+        self._coordinator_key = keys.coordinator_key() if keys is not None else None
+        check_exposure("the client's result socket", bind, keys is not None, self.cfg.insecure)
+        self.sec = Security(self.ctx, keys, {RESULTS: CONNECT[RESULTS]})
+        try:
+            self._results, bound = router(self.ctx, bind, SocketOptions(hwm_msgs=max(P.DATA_HWM_MSGS, 64),
+                                                                        max_frame_bytes=self.cfg.max_frame_bytes),
+                                          sec=self.sec, domain=RESULTS)
+        except ConfigError:
+            self.sec.close()
+            self.ctx.destroy(linger=0)
+            raise
         self.reply_endpoint = advertised(bound, host)
         self._slots = threading.BoundedSemaphore(self.cfg.max_in_flight)
         self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._waker = Waker()
         self._closed = threading.Event()
         self.routes: dict[str, Route] = {}
+        self.forged = 0  # results and errors refused: not from a worker of the request's route (keyed)
         self._thread = threading.Thread(target=self._io_loop, name="client-io", daemon=True)
         self._thread.start()
 
@@ -213,7 +231,8 @@ class Client:
         return self.routes[model]
 
     def coordinator(self) -> dict[str, Any]:
-        """Who the coordinator is (endpoint, workers, heartbeat) and its ``admission`` counters and decision times."""
+        """Who the coordinator is (endpoint, workers, heartbeat), its ``admission`` counters and decision times, and
+        what it ``refused`` (by reason: rate, role, plan_id; handshakes: keys it does not list)."""
         return dict(self._call(Msg.HELLO, {}, what="hello").body)
 
     def workers(self) -> list[WorkerInfo]:
@@ -356,6 +375,7 @@ class Client:
         self._closed.set()
         self._waker.wake()
         self._thread.join(timeout=5)
+        self.sec.close()
         self.ctx.destroy(linger=0)
         self._waker.close()
 
@@ -393,7 +413,8 @@ class Client:
     def _connect_coordinator(self) -> zmq.Socket:
         self._ctl_out.clear()  # what the old connection did not send is stale; calls time out by themselves
         return dealer(self.ctx, self.cfg.coordinator, self.ident,
-                      SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.BLOB_MAX_BYTES))
+                      SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.BLOB_MAX_BYTES),
+                      self.sec, self._coordinator_key)
 
     def _loop(self) -> None:
         self._pending: dict[bytes, _Req] = {}  # every request not yet ended
@@ -411,7 +432,7 @@ class Client:
                                      f"coordinator {self.cfg.coordinator}", log)
         self._links = PeerLinks(self.ctx, self.ident, SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
                                 max_outbox_msgs=max(self.cfg.window, 1),
-                                protected=lambda ep: self._unacked[ep] > 0)
+                                protected=lambda ep: self._unacked[ep] > 0, sec=self.sec, key_of=self._worker_key)
         interval = self.cfg.heartbeat_ms / 1000.0
         next_hello = next_sweep = 0.0
         while not self._closed.is_set():
@@ -702,6 +723,23 @@ class Client:
                 req.lost_reason = (f"worker {name} on the route of {req.model} ({req.info.route.describe()}) "
                                    "was lost and no result arrived")
 
+    def _worker_key(self, endpoint: str) -> str | None:
+        """Keyed: the key of the worker serving ``endpoint``, as the coordinator's routes give it."""
+        for route in list(self.routes.values()):
+            for h in route.replicas[0]:
+                if h.endpoint == endpoint and h.key:
+                    return h.key
+        return None
+
+    def _from_route(self, req: _Req, frames: list[Any], last_only: bool) -> bool:
+        """Keyed: whether the sender is a worker of ``req``'s route (its last hop, for a RESULT)."""
+        peer = self.sec.peer_of(frames[0])
+        route = req.info.route
+        if peer is None or route is None:
+            return False
+        hops = route.replicas[-1:] if last_only else route.replicas
+        return any(h.key == peer.key for reps in hops for h in reps)
+
     def _on_result(self, ident: bytes, frames: list[Any]) -> None:
         try:
             msg = P.decode(frames, max_frame_bytes=self.cfg.max_frame_bytes)
@@ -711,6 +749,11 @@ class Client:
         req = self._pending.get(msg.rid)
         if req is None or msg.type not in (Msg.RESULT, Msg.ERROR):
             return  # already ended (deadline, an earlier copy of a replayed request) or not for us
+        if self.sec.keyed and not self._from_route(req, frames, last_only=msg.type == Msg.RESULT):
+            self.forged += 1
+            log.warning("W: refused a %s for %s from %r: not a worker of its route's %s", msg.type.name, req.model,
+                        ident[:32], "last stage" if msg.type == Msg.RESULT else "stages")
+            return
         if msg.type == Msg.ERROR:
             self._on_error(req, msg)
             return

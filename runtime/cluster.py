@@ -56,6 +56,8 @@ class LocalClusterConfig:
     memory_budget_bytes: int = opt(2 * 1024**3, "block memory budget per worker", alias="--memory-budget")
     heartbeat_ms: int = opt(1000, "heartbeat interval of every daemon")
     log_dir: str | None = opt(None, "where daemon logs go (default: the cluster's temporary directory)")
+    keyed: bool = opt(False, "make keys for every daemon, an operator and a user, and run the cluster keyed "
+                             "(CURVE on every socket, roles checked), as on a network")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -126,9 +128,52 @@ class LocalCluster:
         self.endpoint = ""
         self._clients: list[Client] = []
         self._ctl: Client | None = None
+        if cfg.keyed:
+            self._make_keys()
         # NOTE: daemons ask for SIGTERM when their parent *thread* ends (PR_SET_PDEATHSIG), so they
         # are all started from this one long-lived thread: restart() may be called from any thread.
         self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def key_dir(self, name: str) -> Path:
+        """A keyed cluster's key directory of ``name`` (a daemon, ``operator`` or ``user``): its secret key
+        and every public key of the cluster."""
+        return self.workdir / "keys" / name
+
+    def _make_keys(self) -> None:
+        from .security import keygen
+
+        holders = {COORDINATOR: "coordinator", "operator": "operator", "user": "user",
+                   **{n: "worker" for n in self.names}}
+        made = self.workdir / "keys" / "made"
+        for name, role in holders.items():
+            keygen(role, made, name)
+        for name in holders:
+            d = self.key_dir(name)
+            d.mkdir(parents=True, exist_ok=True)
+            for pub in made.glob("*.key"):
+                shutil.copy(pub, d / pub.name)
+            shutil.copy(made / f"{name}.key_secret", d / f"{name}.key_secret")
+
+    def add_key(self, name: str, role: str) -> Path:
+        """A keyed cluster's extra key holder (a worker started by hand, a second user): makes its key, puts its
+        public key in every directory (daemons read them at start, so call it before ``start``), returns its
+        key directory."""
+        from .security import keygen
+
+        made = self.workdir / "keys" / "made"
+        keygen(role, made, name)
+        d = self.key_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        for other in (self.workdir / "keys").iterdir():
+            if other.name != "made":
+                shutil.copy(made / f"{name}.key", other / f"{name}.key")
+        for pub in made.glob("*.key"):
+            shutil.copy(pub, d / pub.name)
+        shutil.copy(made / f"{name}.key_secret", d / f"{name}.key_secret")
+        return d
+
+    def _keys_args(self, name: str) -> list[str]:
+        return ["--keys", str(self.key_dir(name))] if self.cfg.keyed else []
 
     @property
     def names(self) -> list[str]:
@@ -152,7 +197,7 @@ class LocalCluster:
         return ["worker", "--coordinator", self.endpoint, "--bind", f"tcp://{self.cfg.host}:{port}", "--name", name,
                 "--store", str(store if store is not None else self.workdir / name), "--torch-threads", str(threads),
                 "--memory-budget-bytes", str(self.cfg.memory_budget_bytes), "--heartbeat-ms",
-                str(self.cfg.heartbeat_ms), *extra]
+                str(self.cfg.heartbeat_ms), *self._keys_args(name), *extra]
 
     def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +230,8 @@ class LocalCluster:
             self.ports[COORDINATOR] = port
             self.endpoint = f"tcp://{self.cfg.host}:{port}"
             self._spawn(COORDINATOR, ["coordinator", "--bind", self.endpoint, "--store", str(self.store),
-                                      "--heartbeat-ms", str(self.cfg.heartbeat_ms), *self.coordinator_args])
+                                      "--heartbeat-ms", str(self.cfg.heartbeat_ms), *self._keys_args(COORDINATOR),
+                                      *self.coordinator_args])
             for i, name in enumerate(self.names):
                 self._spawn_worker(i, name)
             try:
@@ -238,8 +284,11 @@ class LocalCluster:
 
     def _control(self) -> Client:
         if self._ctl is None:
-            self._ctl = self.client()
+            self._ctl = self.client(**self._role_keys("operator"))
         return self._ctl
+
+    def _role_keys(self, role: str) -> dict[str, Any]:
+        return {"keys": str(self.key_dir(role))} if self.cfg.keyed else {}
 
     def _registered(self, names: Sequence[str]) -> bool:
         """Whether the coordinator answers and lists each of ``names`` as its current process."""
@@ -293,8 +342,10 @@ class LocalCluster:
             time.sleep(0.5)
 
     def client(self, **overrides: Any) -> Client:
-        """A client of this cluster (closed by ``stop()``)."""
-        cl = Client(ClientConfig(coordinator=self.endpoint, control_timeout_ms=2000), **overrides)
+        """A client of this cluster (closed by ``stop()``); keyed, it holds the operator's key (deploys) unless
+        ``keys=`` names another directory (``key_dir("user")``)."""
+        cl = Client(ClientConfig(coordinator=self.endpoint, control_timeout_ms=2000),
+                    **{**self._role_keys("operator"), **overrides})
         self._clients.append(cl)
         return cl
 

@@ -25,6 +25,14 @@ coordinator keeps the cluster matching it without anybody calling deploy again:
 - after its own restart it relearns from the workers' READY what they host, and waits
   ``heartbeat_ms x liveness`` for absent workers before moving their stages.
 
+Keyed (``--keys DIR``), every connection is CURVE and the ZAP handler admits only listed
+keys; each message is then checked against its sender's role (``security.roles``): only
+workers register, heartbeat and fetch blocks, only operators deploy, undeploy and change
+links, users ask routes and admission. A worker name stays bound to the key that
+registered it while it lives, stages workers report count only under plan ids this
+coordinator issued, and routes and DEPLOY orders carry each worker's key, so clients and
+workers speak CURVE to exactly the workers the plan names.
+
 A ROUTE asked while the model's route is broken and a deploy of it is under way is
 answered when that deploy ends (or at the question's deadline), so clients replaying
 requests after a loss get the repaired route without polling.
@@ -48,13 +56,16 @@ from edgesplit.scheduling import ScheduleError
 
 from . import admission, protocol as P
 from .config import human_size, opt
-from .errors import DeployError, NotDeployed, Overloaded, ProtocolError, RuntimeFailure, UnknownModel
+from .errors import ConfigError, DeployError, Forbidden, NotDeployed, Overloaded, ProtocolError, RuntimeFailure, UnknownModel
 from .links import LinkSpec
 from .liveness import PeerTable
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
 from .plans import PLANS_DIR, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
 from .protocol import Err, Msg
+from .security.ratelimit import RateLimiter
+from .security import InsecureNag, Peer, Security, check_exposure, is_loopback, load_keys
+from .security.roles import CONNECT, CONTROL, coordinator_takes
 from .transport import SocketOptions, Waker, recv, router, send
 from .types import MAX_REPLICAS, Route, StageInfo, WorkerInfo, WorkerState
 
@@ -89,6 +100,13 @@ class CoordinatorConfig:
                                "uploads get serial slots of it (plans use 0.92 of it: TCP/IP framing); 0 = unlimited",
                             alias="--uplink-rate")
     admission_margin: float = opt(0.25, "inference is planned as (1 + margin) x the stages' median compute time")
+    keys: str | None = opt(None, "key directory (`edgesplit keygen`): this coordinator's secret key and the public "
+                                 "keys of the workers, operators and users it admits; every connection is then "
+                                 "CURVE-encrypted and checked by role")
+    insecure: bool = opt(False, "allow binding beyond loopback without --keys (anyone who reaches the port may "
+                                "deploy, read weights and forge results; logged every minute)")
+    control_rate: float = opt(P.CONTROL_RATE_PER_S, "control messages per second one peer may send (a burst of "
+                                                    "4x that is allowed); beyond, they are refused as OVERLOADED")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
 
 
@@ -150,8 +168,26 @@ class Coordinator:
         self.plan_store = PlanStore(cfg.plan_dir or Path(cfg.store) / PLANS_DIR)
         self.records: dict[str, PlanRecord] = self.plan_store.load()  # model -> its kept plan
         self.ctx = zmq.Context(io_threads=1)
-        self.sock, self.endpoint = router(self.ctx, cfg.bind, SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS,
-                                                                            max_frame_bytes=P.CHUNK_BYTES * 2))
+        keys = load_keys(cfg.keys) if cfg.keys else None
+        if keys is not None and keys.me.role != "coordinator":
+            raise ConfigError(f"{keys.root}: the coordinator needs a coordinator key, this directory's secret key "
+                              f"{keys.me.name} is a {keys.me.role} key")
+        check_exposure("the coordinator", cfg.bind, keys is not None, cfg.insecure)
+        self.sec = Security(self.ctx, keys, {CONTROL: CONNECT[CONTROL]})
+        try:
+            self.sock, self.endpoint = router(self.ctx, cfg.bind, SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS,
+                                                                                max_frame_bytes=P.CHUNK_BYTES * 2),
+                                              sec=self.sec, domain=CONTROL)
+        except ConfigError:
+            self.sec.close()
+            self.ctx.destroy(linger=0)
+            raise
+        self._nag = InsecureNag("the coordinator", self.endpoint, keys is None and cfg.insecure
+                                and not is_loopback(cfg.bind))
+        self.limiter = RateLimiter(cfg.control_rate, max(1, int(cfg.control_rate * 4)))
+        self.worker_keys: dict[str, str] = {}  # worker name -> the key it registered with (keyed clusters)
+        self.refused: collections.Counter[str] = collections.Counter()  # messages refused, by reason
+        self._peer: Peer | None = None  # the sender of the message being handled (keyed clusters)
         self.workers: dict[str, _WorkerRec] = {}
         self.live = PeerTable[str](cfg.heartbeat_ms, cfg.liveness)
         self.clients = PeerTable[bytes](cfg.heartbeat_ms, cfg.liveness * 4)
@@ -221,6 +257,7 @@ class Coordinator:
                 if self.admission.window_due(now):
                     self._admit(now)
                 self._release_admitted(now)
+                self._nag.tick(now)
                 if now >= next_hb:
                     next_hb = now + interval
                     for rec in self.workers.values():
@@ -232,6 +269,7 @@ class Coordinator:
                 self.clients.purge(now)
                 self._expire(now)
         finally:
+            self.sec.close()
             self.ctx.destroy(linger=0)
             self._waker.close()
             log.info("coordinator stopped")
@@ -258,11 +296,27 @@ class Coordinator:
 
     # --- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, ident: bytes, frames: list[Any]) -> None:
+        now = time.monotonic()
+        self._peer = self.sec.peer_of(frames[0])  # keyed: who signed the handshake (None: open cluster)
+        # before decoding: a flood costs a dict lookup per message; keyed, per key (new connections do not reset it)
+        if not self.limiter.allow(self._peer.key if self._peer is not None else ident, now):
+            self.refused["rate"] += 1
+            if self.refused["rate"] % 1000 == 1:
+                log.warning("W: %r sends more than %.0f control messages/s; dropped %d so far", ident[:32],
+                            self.cfg.control_rate, self.refused["rate"])
+            return
         try:
             msg = P.decode(frames, max_frame_bytes=P.CHUNK_BYTES * 2)
         except ProtocolError as e:
             log.warning("W: refused a message from %r: %s", ident[:32], e)
             send(self.sock, P.encode_error(P.salvage_rid(frames), Err.BAD_MESSAGE, f"coordinator: {e}"), route=[ident])
+            return
+        if self.sec.keyed and (self._peer is None or not coordinator_takes(self._peer.role, msg.type)):
+            self.refused["role"] += 1
+            role = self._peer.role if self._peer is not None else "unlisted"
+            log.warning("W: refused %s from a %s key (%r)", msg.type.name, role, ident[:32])
+            send(self.sock, P.encode_error(msg.rid, Err.FORBIDDEN, f"coordinator: a {role} key may not send "
+                                           f"{msg.type.name}"), route=[ident])
             return
         handler = self._HANDLERS.get(msg.type)
         if handler is None:
@@ -298,9 +352,12 @@ class Coordinator:
         info = WorkerInfo.from_msg(msg.body)
         if _worker_name(ident) != info.name:
             raise ProtocolError(f"bad message: worker connects as {ident!r:.40} but calls itself {info.name!r}")
+        key = self._peer.key if self._peer is not None else ""
+        info.stages = self._issued(info.stages)
         old = self.workers.get(info.name)
         if old is not None and old.ident != ident:
-            if info.name in self.live and (old.info.endpoint != info.endpoint or old.info.host != info.host):
+            if info.name in self.live and (old.info.endpoint != info.endpoint or old.info.host != info.host
+                                           or self.worker_keys.get(info.name, key) != key):
                 log.warning("refused a second worker named %s at %s (host %s): %s at %s is alive", info.name,
                             info.endpoint, info.host, info.name, old.info.endpoint)
                 self._reply(ident, P.encode_error(msg.rid, Err.NAME_TAKEN, (
@@ -312,6 +369,8 @@ class Coordinator:
                         old.info.endpoint)
             self._notify_lost(info.name, old.info.endpoint)
         self.workers[info.name] = _WorkerRec(info, ident)
+        if key:
+            self.worker_keys[info.name] = key
         self.seen.add(info.name)
         for s in info.stages:  # a worker declared lost that comes back still hosts its stages
             names = self.lost.get((s.model, s.plan), [])
@@ -338,9 +397,21 @@ class Coordinator:
             log.info("worker %s still hosts %s, undeployed meanwhile: undeploying it there", info.name, model)
             self._undeploy_on(model, [info.name], P.new_rid(), None)
 
+    def _issued(self, stages: list[StageInfo]) -> list[StageInfo]:
+        """Keyed: only stages of plans this coordinator issued (kept or being deployed) count; a worker
+        claiming another plan id (a higher one, to take a route over) is not believed."""
+        if not self.sec.keyed:
+            return stages
+        ours = {(r.model, r.plan) for r in self.records.values()} | {(p.model, p.plan) for p in self.plans.values()}
+        kept = [s for s in stages if (s.model, s.plan) in ours]
+        if len(kept) < len(stages):
+            self.refused["plan_id"] += len(stages) - len(kept)
+        return kept
+
     def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
         rec = self.workers.get(_worker_name(ident))
-        if rec is None or rec.ident != ident:
+        if rec is None or rec.ident != ident or (self._peer is not None and
+                                                 self.worker_keys.get(rec.info.name) != self._peer.key):
             self._reply(ident, P.encode(Msg.DISCONNECT, msg.rid, 0))
             return None
         rec.last_seen = time.monotonic()
@@ -352,7 +423,7 @@ class Coordinator:
         if rec is None:
             return
         body = msg.body
-        rec.info.stages = [StageInfo.from_msg(s) for s in P.body_get(body, "stages", list, [])]
+        rec.info.stages = self._issued([StageInfo.from_msg(s) for s in P.body_get(body, "stages", list, [])])
         tel = dict(P.body_get(body, "telemetry", dict, {}))
         tel["kept"] = body.get("kept", 0)  # outputs awaiting an ACK: 0 when idle, else a leak
         tel["queue"] = body.get("queue", 0)
@@ -367,7 +438,7 @@ class Coordinator:
         if rec is None:
             return
         model = msg.body.get("model")
-        stages = [StageInfo.from_msg(s) for s in P.body_get(msg.body, "stages", list, [])]
+        stages = self._issued([StageInfo.from_msg(s) for s in P.body_get(msg.body, "stages", list, [])])
         rec.info.stages = [s for s in rec.info.stages if s.model != model] + stages
         plan = self.plans.get(msg.rid)
         if plan is None:
@@ -456,7 +527,8 @@ class Coordinator:
         A worker that installs stages treats every endpoint they send to as alive; the ones
         that are not (a plan names them, they have not returned) are announced lost to it.
         """
-        self._broadcast({"alive": rec.info.name, "alive_endpoint": rec.info.endpoint}, skip=rec.info.name)
+        self._broadcast({"alive": rec.info.name, "alive_endpoint": rec.info.endpoint,
+                         "alive_key": self.worker_keys.get(rec.info.name, "")}, skip=rec.info.name)
         live_eps = {w.info.endpoint for w in self.workers.values()}
         names = {ep: w for r in self.records.values() for w, ep in r.endpoints.items()}
         for ep in sorted({ep for s in stages for ep in s.next} - live_eps):
@@ -469,7 +541,8 @@ class Coordinator:
         self.clients.refresh(ident)
         self._reply(ident, P.encode(Msg.HELLO, msg.rid, 0, {"body": {
             "coordinator": self.endpoint, "workers": len(self.workers), "heartbeat_ms": self.cfg.heartbeat_ms,
-            "liveness": self.cfg.liveness, "admission": self.admission.report()}}))
+            "liveness": self.cfg.liveness, "admission": self.admission.report(),
+            "refused": {**self.refused, "handshakes": self.sec.refused()}}}))
 
     def _on_route(self, ident: bytes, msg: P.Message) -> None:
         self.clients.refresh(ident)
@@ -594,6 +667,7 @@ class Coordinator:
         if worker is not None and worker.ident == ident:
             self._on_link_reply(worker.info.name, msg)
             return
+        self._operator_only(msg)
         self.clients.refresh(ident)
         model = P.check_model_name(P.body_get(msg.body, "model", str))
         cut = P.body_get(msg.body, "cut", int)
@@ -609,6 +683,12 @@ class Coordinator:
                 raise DeployError(f"worker {name}'s control queue is full; try again")
         self.link_orders[msg.rid] = _LinkOrder(ident, model, cut, route.plan, set(senders),
                                                time.monotonic() + msg.budget_ms / 1000.0)
+
+    def _operator_only(self, msg: P.Message) -> None:
+        """Keyed: a worker key's LINK or PREFETCH is a reply to an order; as an order it needs an operator key."""
+        if self._peer is not None and self._peer.role != "operator":
+            self.refused["role"] += 1
+            raise Forbidden(f"coordinator: a {self._peer.role} key may not order {msg.type.name}")
 
     def _on_link_reply(self, name: str, msg: P.Message) -> None:
         order = self.link_orders.get(msg.rid)
@@ -702,6 +782,7 @@ class Coordinator:
                 del self.prefetches[msg.rid]
                 self._reply(order.client, P.encode(Msg.PREFETCH, msg.rid, 0, {"body": {"loaded": order.replies}}))
             return
+        self._operator_only(msg)
         self.clients.refresh(ident)
         model = P.check_model_name(P.body_get(msg.body, "model", str))
         hint = [m for m in P.body_get(msg.body, "hint", list, []) if isinstance(m, str)][:P.MAX_HINT_MODELS]
@@ -850,8 +931,13 @@ class Coordinator:
         self.plans[rid] = pending
         manifest_json = manifest.to_json().encode()
         for name in targets:
-            frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms,
-                              {"body": {**record.deploy_body(name), "load": load}}, [manifest_json])
+            body = {**record.deploy_body(name), "load": load}
+            if self.sec.keyed:  # who its stages may take RUNs from, and whose keys its next stages hold
+                body["prev"] = {str(k): [record.endpoints[w] for w in record.hops[k - 1].workers]
+                                for k, h in enumerate(record.hops) if k > 0 and name in h.workers}
+                body["keys"] = {record.endpoints[w]: self.worker_keys[w] for w in record.workers
+                                if w in self.worker_keys}
+            frames = P.encode(Msg.DEPLOY, rid, self.cfg.deploy_timeout_ms, {"body": body}, [manifest_json])
             if not send(self.sock, frames, route=[self.workers[name].ident]):
                 self._fail_plan(rid, Err.OVERLOADED, f"worker {name}'s control queue is full", blame={name})
                 return
@@ -957,7 +1043,8 @@ class Coordinator:
                     hosted += sum(b.size_bytes for b in self._manifest(s.model).blocks[s.start:s.end])
                 except (RuntimeFailure, EdgesplitError):
                     pass  # a model no longer in the store: its size is unknown, count it as nothing
-            out[name] = LiveWorker(rec.info.endpoint, frozenset(rec.info.stages), rec.info.memory_budget_bytes, hosted)
+            out[name] = LiveWorker(rec.info.endpoint, frozenset(rec.info.stages), rec.info.memory_budget_bytes, hosted,
+                                   self.worker_keys.get(name, ""))
         return out
 
     def _announce_absent(self) -> None:

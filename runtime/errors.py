@@ -81,6 +81,13 @@ class Overloaded(RuntimeFailure):
     code_name = "OVERLOADED"
 
 
+class Forbidden(RuntimeFailure):
+    """A keyed cluster refused the message: the sender's key has another role (a user asking to deploy), or
+    its route position does not allow it (a RUN for hop k from a worker the plan does not put at hop k-1)."""
+
+    code_name = "FORBIDDEN"
+
+
 class DeployError(RuntimeFailure):
     """A plan could not be deployed (bad plan, missing blocks, memory budget, worker error)."""
 

@@ -191,6 +191,7 @@ class LiveWorker:
     stages: frozenset[StageInfo] = frozenset()  # every stage it reports hosting, of any model
     budget_bytes: int = 0  # memory budget (<= 0: unknown, no limit)
     hosted_bytes: int = 0  # bytes of the blocks of its stages
+    key: str = ""  # its public key (z85), keyed clusters
 
 
 @dataclass(frozen=True)

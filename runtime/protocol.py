@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import (BadInput, DeadlineUnmeetable, DeployError, NotDeployed, Overloaded, ProtocolError,
+from .errors import (BadInput, DeadlineUnmeetable, DeployError, Forbidden, NotDeployed, Overloaded, ProtocolError,
                      RequestTimeout, RuntimeFailure, UnknownModel, WorkerLost)
 
 if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
@@ -61,7 +61,11 @@ HEADER_MAX_BYTES = 16 * 1024  # msgpack part of the header frame (after VERSION)
 MAX_PAYLOAD_FRAMES = 16  # tensors (or byte blobs) per message
 MAX_NDIM = 8
 MAX_HOPS = 64  # stages on one route
+KEY_Z85_CHARS = 40  # a CURVE public key as z85 text (keyed clusters)
 MAX_ACKS = 256  # (rid, hop) pairs one ACK message acknowledges (20 B each in the header)
+# Samples in one RUN's input tensor (its first dimension): one request may not make a stage compute, and hold
+# activations for, an unbounded batch; the worker's own batching concatenates requests, each within this.
+MAX_BATCH = 64
 MAX_HINT_MODELS = 64  # models named in a PREFETCH hint (the upcoming order, soonest first)
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # default payload cap per frame and per message (ZMQ_MAXMSGSIZE per frame)
 # Payload frames below this are copied into the message, larger ones sent zero-copy (every edgesplit
@@ -88,6 +92,7 @@ MAX_BUDGET_MS = 24 * 3600 * 1000
 # --- queues and transfers --------------------------------------------------------------------
 DATA_HWM_MSGS = 8  # activations per socket queue: a slow peer causes back-pressure, not RSS growth
 CONTROL_HWM_MSGS = 256  # control messages are small
+CONTROL_RATE_PER_S = 5000.0  # control messages one peer may send per second (a client's ADMIT and DONE per request)
 CHUNK_BYTES = 1024 * 1024  # block transfer chunk: never one message that starves heartbeats
 FETCH_CREDIT = 4  # chunks a worker may have requested and not yet received
 
@@ -136,6 +141,7 @@ class Err(IntEnum):
     SHUTTING_DOWN = 12
     NAME_TAKEN = 13  # a READY under a worker name that another live worker holds
     DEADLINE_UNMEETABLE = 14  # admission: the request cannot finish by its deadline (the reason says why)
+    FORBIDDEN = 15  # keyed cluster: the sender's role or route position may not send this
 
 
 MSG_NAMES = {m.value: m.name for m in Msg}
@@ -156,7 +162,7 @@ _ERROR_CLASSES: dict[Err, type[RuntimeFailure]] = {
     Err.UNKNOWN_MODEL: UnknownModel, Err.NOT_DEPLOYED: NotDeployed,
     Err.BAD_INPUT: BadInput, Err.WORKER_LOST: WorkerLost, Err.TIMEOUT: RequestTimeout,
     Err.OVERLOADED: Overloaded, Err.DEPLOY_FAILED: DeployError, Err.MISSING_BLOCK: DeployError,
-    Err.DEADLINE_UNMEETABLE: DeadlineUnmeetable,
+    Err.DEADLINE_UNMEETABLE: DeadlineUnmeetable, Err.FORBIDDEN: Forbidden,
 }
 
 
@@ -231,6 +237,8 @@ HEADER_KEYS = {
     "err": "[error code, reason]",
     "body": "control payload (map)",
     "trc": "per-hop trace records when tracing is on",
+    "rk": "requester's public key (z85, keyed clusters): the first worker sets it from the requester's CURVE key; "
+          "results and errors go only to a result socket holding its secret",
     "acks": "ACK only: the pairs acknowledged besides (rid, hop), [[rid, hop], ...], at most MAX_ACKS - 1",
 }
 _KNOWN_KEYS = frozenset(HEADER_KEYS)
@@ -355,6 +363,19 @@ def _acks(v: Any) -> list[list[Any]]:
     return v
 
 
+def check_batch(shape: Sequence[int]) -> None:
+    """Refuse a RUN input whose batch (first dimension) is above ``MAX_BATCH``; a 0-d shape has no batch.
+
+    ``shape`` is the input tensor's: a raw link's payload spec, or on a codec link the codec header's
+    ``cmeta["shape"]`` (untrusted, hence the type checks), not the shape of its byte frames.
+    """
+    if not isinstance(shape, (list, tuple)):
+        raise _bad(f"an input shape is a list of ints, got {shape!r:.80}")
+    if shape and (type(shape[0]) is not int or not 0 <= shape[0] <= MAX_BATCH):
+        raise _bad(f"input batch {shape[0]!r:.40} (shape {str(list(shape)):.120}) is not an int in [0, MAX_BATCH "
+                   f"{MAX_BATCH}]; split the request into batches of at most that")
+
+
 _INT_KEYS = (("bud", 0, MAX_BUDGET_MS), ("hop", 0, MAX_HOPS), ("att", 0, 255), ("pln", 0, 2**62))
 
 
@@ -387,6 +408,8 @@ def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, 
         _str_seen(h["mdl"], "mdl", 128, _MODEL_NAME, _SEEN_MODELS)
     if "rep" in h:
         _str_seen(h["rep"], "rep", 256, _ENDPOINT, _SEEN_ENDPOINTS)
+    if "rk" in h and (type(h["rk"]) is not str or len(h["rk"]) != KEY_Z85_CHARS):
+        raise _bad(f"rk must be a public key of {KEY_Z85_CHARS} z85 characters")
     if "cod" in h:
         _str(h["cod"], "cod", _SHORT)
     for key in ("cmeta", "body"):

@@ -44,7 +44,7 @@ def route_of_plan(manifest: ModelManifest, rec: PlanRecord, live: Mapping[str, L
         if not hosting:
             raise _stage_down(model, rec, k, h, live, deploying, settling)
         hosting.sort(key=lambda n: (h.workers.index(n) if n in h.workers else len(h.workers), n))
-        replicas.append([RouteHop(k, n, live[n].endpoint, h.start, h.end) for n in hosting])
+        replicas.append([RouteHop(k, n, live[n].endpoint, h.start, h.end, live[n].key) for n in hosting])
     return Route(model, rec.plan, manifest.n_blocks, list(manifest.input_shape), [r[0] for r in replicas], replicas)
 
 
@@ -105,7 +105,7 @@ def route_of_reports(manifest: ModelManifest, live: Mapping[str, LiveWorker],
             if gone:
                 raise lost_error()
             raise NotDeployed(f"model {model} plan {newest} is incomplete (still deploying?); hops {sorted(hops)}")
-        replicas.append([RouteHop(hop, name, live[name].endpoint, s.start, s.end)
+        replicas.append([RouteHop(hop, name, live[name].endpoint, s.start, s.end, live[name].key)
                          for name, s in sorted(hops[hop], key=lambda x: x[0])])
         pos = hops[hop][0][1].end
     if pos != manifest.n_blocks:

@@ -23,6 +23,7 @@ import zmq
 
 from . import protocol as P
 from .errors import ConfigError
+from .security import Security
 
 RESTAMP_AFTER_S = 0.002  # a message parked longer than this leaves with its remaining budget re-stamped
 
@@ -59,16 +60,19 @@ def _apply(sock: zmq.Socket, opts: SocketOptions, identity: bytes | None) -> Non
 
 
 def router(ctx: zmq.Context, bind: str, opts: SocketOptions = SocketOptions(),
-           identity: bytes | None = None) -> tuple[zmq.Socket, str]:
+           identity: bytes | None = None, sec: Security | None = None, domain: str = "") -> tuple[zmq.Socket, str]:
     """A bound ROUTER (``ROUTER_MANDATORY``: unroutable sends raise instead of vanishing).
 
     Args:
         bind: e.g. ``tcp://*:5555`` or ``tcp://127.0.0.1:*`` (any free port).
+        sec, domain: a keyed component's CURVE server settings and the allow-list it serves.
     Returns:
         The socket and the endpoint actually bound (port resolved).
     """
     sock = ctx.socket(zmq.ROUTER)
     _apply(sock, opts, identity)
+    if sec is not None:
+        sec.serve(sock, domain)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its old id replaces the stale link
     try:
@@ -79,11 +83,21 @@ def router(ctx: zmq.Context, bind: str, opts: SocketOptions = SocketOptions(),
     return sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
-def dealer(ctx: zmq.Context, connect: str, identity: bytes, opts: SocketOptions = SocketOptions()) -> zmq.Socket:
-    """A DEALER connected to ``connect`` with a fixed identity (``IMMEDIATE``: no queueing to a link not up)."""
+def dealer(ctx: zmq.Context, connect: str, identity: bytes, opts: SocketOptions = SocketOptions(),
+           sec: Security | None = None, server_key: bytes | str | None = None) -> zmq.Socket:
+    """A DEALER connected to ``connect`` with a fixed identity (``IMMEDIATE``: no queueing to a link not up).
+
+    Keyed (``sec`` holds keys): CURVE to the holder of ``server_key`` only.
+    """
     sock = ctx.socket(zmq.DEALER)
     _apply(sock, opts, identity)
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    if sec is not None:
+        try:
+            sec.dial(sock, server_key)
+        except ConfigError:
+            sock.close(0)
+            raise
     sock.connect(connect)
     return sock
 
@@ -226,6 +240,7 @@ class _Link:
     sock: zmq.Socket
     outbox: collections.deque
     last_used: float
+    server_key: bytes | str | None = None
 
 
 class PeerLinks:
@@ -242,34 +257,49 @@ class PeerLinks:
     its parked messages dropped); links idle for ``idle_close_s`` are closed. Parked
     messages get their remaining budget re-stamped when they finally leave. Whatever is
     dropped is counted in ``dropped``.
+
+    Keyed (``sec`` holds keys), each link speaks CURVE to one server key: ``key_of(endpoint)``
+    (a worker's key, from the coordinator), or the key a send names (a requester's). A link
+    asked for with another key than it has is closed and dialled again with the new one.
     """
 
     def __init__(self, ctx: zmq.Context, identity: bytes, opts: SocketOptions = SocketOptions(),
                  max_outbox_msgs: int = 64, max_links: int = 64, idle_close_s: float = 30.0,
-                 protected: Callable[[str], bool] = lambda ep: False) -> None:
+                 protected: Callable[[str], bool] = lambda ep: False, sec: Security | None = None,
+                 key_of: Callable[[str], bytes | str | None] = lambda ep: None) -> None:
         self.ctx, self.identity, self.opts, self.protected = ctx, identity, opts, protected
+        self.sec = sec if sec is not None and sec.keyed else None
+        self.key_of = key_of
         self.max_outbox_msgs, self.max_links, self.idle_close_s = max_outbox_msgs, max_links, idle_close_s
         self._links: collections.OrderedDict[str, _Link] = collections.OrderedDict()
         self._by_sock: dict[zmq.Socket, str] = {}
         self.dropped = 0  # messages dropped: outbox full, expired, or their link evicted
 
-    def link(self, endpoint: str) -> zmq.Socket | None:
-        """The DEALER to ``endpoint``, connected on first use (None: libzmq refuses that endpoint).
+    def link(self, endpoint: str, server_key: bytes | str | None = None) -> zmq.Socket | None:
+        """The DEALER to ``endpoint``, connected on first use (None: libzmq refuses that endpoint, or keyed
+        and no key is known for it).
 
         Beyond ``max_links`` the least recently used link is closed, one that ``protected``
         does not name first (a next stage's link, or one with requests awaiting its ACK), so a
         flood of requesters can never close the links that carry custody.
         """
         link = self._links.get(endpoint)
+        if self.sec is not None:
+            server_key = server_key or self.key_of(endpoint)
+            if not server_key:
+                return None
+            if link is not None and link.server_key != server_key:
+                self.close(endpoint)
+                link = None
         if link is None:
             while len(self._links) >= self.max_links:
                 victim = next((ep for ep in self._links if not self.protected(ep)), next(iter(self._links)))
                 self.close(victim)
             try:
-                sock = dealer(self.ctx, endpoint, self.identity, self.opts)
-            except zmq.ZMQError:  # e.g. tcp://*:5 passes the decoder's pattern but cannot be connected to
+                sock = dealer(self.ctx, endpoint, self.identity, self.opts, self.sec, server_key)
+            except (zmq.ZMQError, ConfigError):  # e.g. tcp://*:5 passes the decoder's pattern but cannot be dialled
                 return None
-            link = _Link(sock, collections.deque(), time.monotonic())
+            link = _Link(sock, collections.deque(), time.monotonic(), server_key)
             self._links[endpoint] = link
             self._by_sock[link.sock] = endpoint
         self._links.move_to_end(endpoint)
@@ -296,14 +326,16 @@ class PeerLinks:
         link = self._links.get(endpoint)
         return link is not None and len(link.outbox) >= self.max_outbox_msgs
 
-    def send(self, endpoint: str, frames: Sequence[Any], deadline: float = math.inf, droppable: bool = False) -> bool:
+    def send(self, endpoint: str, frames: Sequence[Any], deadline: float = math.inf, droppable: bool = False,
+             server_key: bytes | str | None = None) -> bool:
         """Send now, or park in the outbox until ``deadline``.
 
         Returns False when the outbox is full: the caller holds the message (it keeps
         custody), unless ``droppable``, when the message is dropped and counted instead
-        (replies to a requester, who has its own deadline).
+        (replies to a requester, who has its own deadline). ``server_key``: keyed, the key
+        the peer at ``endpoint`` must hold (default ``key_of(endpoint)``).
         """
-        sock = self.link(endpoint)
+        sock = self.link(endpoint, server_key)
         if sock is None:
             self.dropped += 1
             return True  # nothing will ever reach it; the request's deadline ends it

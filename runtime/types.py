@@ -85,17 +85,20 @@ class RouteHop:
     endpoint: str
     start: int
     end: int
+    key: str = ""  # the worker's public key (z85) in a keyed cluster: connections to it speak CURVE to this key
 
     def to_msg(self) -> list[Any]:
-        return [self.hop, self.worker, self.endpoint, self.start, self.end]
+        return [self.hop, self.worker, self.endpoint, self.start, self.end, self.key]
 
     @classmethod
     def from_msg(cls, v: Any) -> "RouteHop":
-        hop, worker, endpoint, start, end = _list(v, "a route hop", 5)
+        hop, worker, endpoint, start, end, key = _list(v, "a route hop", 6)
         if not isinstance(worker, str) or not worker:
             raise ProtocolError("bad message: route hop worker must be a name")
+        if not isinstance(key, str) or len(key) not in (0, P.KEY_Z85_CHARS):
+            raise ProtocolError(f"bad message: a route hop's key is empty or {P.KEY_Z85_CHARS} z85 characters")
         return cls(_int(hop, "hop", 0, P.MAX_HOPS), worker, P.check_endpoint(endpoint),
-                   _int(start, "start"), _int(end, "end"))
+                   _int(start, "start"), _int(end, "end"), key)
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,18 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
     root, man, codec = tiny_vit_store
     cut = 3  # embed + 2 blocks on w0, the rest behind the slow link
     env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
-    with LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1), store=root) as lc:
+    # keyed, as boards on a network are: CURVE on every socket, across the namespaces
+    lc = LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1, keyed=True), store=root)
+    far_keys = lc.add_key("far", "worker")
+    with lc:
         far_log = open(tmp_path / "far.log", "wb")
         far_proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
              lc.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / "far"),
-             "--torch-threads", "1"], stdout=far_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             "--torch-threads", "1", "--keys", str(far_keys)], stdout=far_log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
         try:
-            cl = Client(ClientConfig(coordinator=lc.endpoint, timeout_ms=60_000))
+            cl = Client(ClientConfig(coordinator=lc.endpoint, timeout_ms=60_000, keys=str(lc.key_dir("operator"))))
             cl.wait_for_workers(2, timeout_s=30)
             cl.deploy("vit4", stages=[("w0", 0, cut), ("far", cut, man.n_blocks)],
                       links=[{"codec": "cut", "budget": None, "wire_dtype": "fp32"}])
@@ -122,7 +126,7 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
             assert len(measured) == 1 and 0.5 * RATE_BYTES_PER_S < measured[0] < 2 * RATE_BYTES_PER_S
             from edgesplit.runtime import cli
             capsys.readouterr()
-            assert cli.main(["workers", "--coordinator", lc.endpoint]) == 0
+            assert cli.main(["workers", "--coordinator", lc.endpoint, "--keys", str(lc.key_dir("user"))]) == 0
             assert f"w0 -> tcp://{far}:" in capsys.readouterr().out  # `edgesplit workers` shows the measurement
             cl.set_link("vit4", 0, rate="measured", share=0.2)
             _, _, nbytes = run(n=3, timeout_ms=150)

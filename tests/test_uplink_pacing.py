@@ -87,21 +87,22 @@ def _cluster(far_link, store_root, tmp_path, scheduler: str):
     near, far, ns = far_link
     coord = Coordinator(CoordinatorConfig(bind=f"tcp://{near}:*", store=str(store_root),
                                           plan_dir=str(tmp_path / f"plans-{scheduler}"), scheduler=scheduler,
-                                          uplink_bytes=RATE_BYTES_PER_S, admission_window_ms=WINDOW_MS)).start()
+                                          uplink_bytes=RATE_BYTES_PER_S, admission_window_ms=WINDOW_MS,
+                                          insecure=True)).start()  # open, so the timings are the uplink's alone
     env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
     far_log = open(tmp_path / f"far-{scheduler}.log", "wb")
     far_proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
          coord.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / f"far-{scheduler}"),
-         "--torch-threads", "1", "--queue-depth", "64"],
+         "--torch-threads", "1", "--queue-depth", "64", "--insecure"],
         stdout=far_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     clients: list = []
     try:
-        ctl = Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000))
+        ctl = Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
         clients.append(ctl)
         ctl.wait_for_workers(1, timeout_s=30)
         ctl.deploy(MODEL, stages=[("far", 0, 4)])
-        users = [ctl] + [Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000))
+        users = [ctl] + [Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
                          for _ in range(N_USERS - 1)]
         clients[1:] = users[1:]
         x = torch.zeros(1, N_FLOATS)

@@ -45,7 +45,8 @@ class ControlLoop:
         w = self.w
         self.need_ready = True  # sent by the loop once the link is up (IMMEDIATE refuses sends before)
         return dealer(w.ctx, w.cfg.coordinator, w.ident,
-                      SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.CHUNK_BYTES * 2))
+                      SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS, max_frame_bytes=P.CHUNK_BYTES * 2),
+                      w.sec, w.coordinator_key)
 
     def ready_body(self) -> dict[str, Any]:
         w = self.w
@@ -71,6 +72,7 @@ class ControlLoop:
         try:
             while not w.stopping.is_set():
                 now = time.monotonic()
+                w.nag.tick(now)
                 if link.sock is None:
                     if link.tick(now):
                         continue
@@ -138,6 +140,9 @@ class ControlLoop:
             if isinstance(lost, str):
                 w.events.put(("lost", (lost, str(msg.body.get("lost", "?"))[:64])))
             if isinstance(alive, str):
+                key = msg.body.get("alive_key")
+                if w.sec.keyed and isinstance(key, str) and len(key) == P.KEY_Z85_CHARS:
+                    w.peer_keys[alive] = key  # the coordinator vouches for the key now serving there
                 w.events.put(("alive", alive))
             w.waker.wake()
         elif t == Msg.ERROR:

@@ -43,6 +43,8 @@ from ..config import opt
 from ..errors import ConfigError
 from ..links import RateMeter
 from ..telemetry import Telemetry
+from ..security import InsecureNag, Security, check_exposure, is_loopback, load_keys
+from ..security.roles import CONNECT, DATA
 from ..transport import SocketOptions, Waker, advertised, local_address_towards, router
 from .compute import ComputeLoop, Done, Job
 from .control import ControlLoop
@@ -81,6 +83,11 @@ class WorkerConfig:
                                                   "makes libzmq drop the peer; a larger declared size is refused)")
     heartbeat_ms: int = opt(P.HEARTBEAT_INTERVAL_MS, "heartbeat interval to the coordinator")
     liveness: int = opt(P.HEARTBEAT_LIVENESS, "silent heartbeat intervals before the coordinator is presumed dead")
+    keys: str | None = opt(None, "key directory (`edgesplit keygen --role worker`): this worker's secret key, the "
+                                 "coordinator's public key and the keys of the workers and users it serves; every "
+                                 "connection is then CURVE-encrypted and checked by role and route")
+    insecure: bool = opt(False, "allow binding beyond loopback without --keys (anyone who reaches the port may "
+                                "inject inputs and read activations; logged every minute)")
     crash_after: int = opt(0, "fault injection: exit abruptly after computing N requests (0 = off)")
     stall_ms: int = opt(0, "fault injection: sleep this long before each compute (0 = off)")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
@@ -107,7 +114,22 @@ class Worker:
         self.residency = Residency(self.cache)
         self.ctx = zmq.Context(io_threads=1)
         self.opts = SocketOptions(hwm_msgs=P.DATA_HWM_MSGS, max_frame_bytes=cfg.max_frame_bytes)
-        self.data, bound = router(self.ctx, cfg.bind, self.opts)
+        keys = load_keys(cfg.keys) if cfg.keys else None
+        if keys is not None and keys.me.role != "worker":
+            raise ConfigError(f"{keys.root}: a worker needs a worker key, this directory's secret key "
+                              f"{keys.me.name} is a {keys.me.role} key")
+        self.coordinator_key = keys.coordinator_key() if keys is not None else None
+        check_exposure(f"worker {self.name}", cfg.bind, keys is not None, cfg.insecure)
+        self.sec = Security(self.ctx, keys, {DATA: CONNECT[DATA]})
+        # keyed: data endpoint -> that worker's key, from the coordinator (DEPLOY orders and NOTICEs)
+        self.peer_keys: dict[str, str] = {}
+        try:
+            self.data, bound = router(self.ctx, cfg.bind, self.opts, sec=self.sec, domain=DATA)
+        except ConfigError:
+            self.sec.close()
+            self.ctx.destroy(linger=0)
+            raise
+        self.nag = InsecureNag(f"worker {self.name}", bound, keys is None and cfg.insecure and not is_loopback(bound))
         self.endpoint = cfg.advertise or advertised(bound, local_address_towards(cfg.coordinator))
         self.stages: dict[tuple[str, int], Stage] = {}
         self.stats = StageStats()
@@ -161,6 +183,7 @@ class Worker:
                 pass  # compute sees the stop flag after its current job
             for t in threads:
                 t.join(timeout=2.0)
+            self.sec.close()
             self.ctx.destroy(linger=0)
             self.waker.close()
             self.log.info("worker %s stopped", self.name)

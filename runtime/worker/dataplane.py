@@ -16,6 +16,12 @@ so a requester that takes nothing (a client that left) never holds back another'
 results: a reply it does not take is dropped and counted (``replies_dropped``). A full
 input queue answers OVERLOADED at once; a sender that gets OVERLOADED from the next
 stage keeps its output and retries shortly, on another replica when there is one.
+
+Keyed. Only listed keys get past the socket's handshake; a RUN for hop 0 is then taken
+only from a user or operator key, whose key becomes the request's ``rk``; a RUN for hop
+k > 0 only from a worker the coordinator's plan puts at hop k-1 (its endpoint's key, as
+the coordinator sent it). Results and errors go to ``rep`` over CURVE to ``rk``: only the
+holder of the requester's secret key can receive them.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import zmq
 from .. import protocol as P
 from ..errors import ProtocolError
 from ..protocol import Err, Msg
+from ..security.roles import RUNNERS
 from ..transport import PeerLinks, drain, send
 from .compute import Done, Job
 
@@ -57,6 +64,7 @@ class Kept:
     replicas: tuple[str, ...]  # every endpoint of the next stage
     att: int
     retry_at: float = 0.0  # > 0: refused as OVERLOADED, send again then
+    rk: str | None = None  # the requester's key (keyed clusters)
 
 
 class DataPlane:
@@ -66,7 +74,7 @@ class DataPlane:
         w = self.w = worker
         self.log = logging.getLogger(f"edgesplit.worker.{w.name}.data")
         self.links = PeerLinks(w.ctx, w.ident, w.opts, max_outbox_msgs=w.cfg.max_kept, max_links=w.cfg.max_peers,
-                               protected=self._carries_custody)
+                               protected=self._carries_custody, sec=w.sec, key_of=w.peer_keys.get)
         self.kept: collections.OrderedDict[tuple[bytes, int], Kept] = collections.OrderedDict()
         self.recent: collections.OrderedDict[tuple[bytes, int, int], bool] = collections.OrderedDict()
         self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
@@ -182,6 +190,15 @@ class DataPlane:
                                                   f"worker {w.name}'s data socket takes RUN, got {msg.type.name}"))
             return
         hop, model = msg.get("hop"), msg.get("mdl")
+        if w.sec.keyed and not self._authorised(route, frames, msg):
+            return
+        try:  # a coded payload is a flat byte frame: the batch is in the codec's header
+            P.check_batch((msg.get("cmeta") or {}).get("shape", ()) if "cod" in msg.header
+                          else msg.specs[0].shape if msg.specs else ())
+        except ProtocolError as e:
+            self.counters["bad_messages"] += 1
+            self.reply_link(route, P.encode_error(msg.rid, Err.BAD_MESSAGE, f"worker {w.name}: {e}", hop=hop))
+            return
         key = (msg.rid, hop, msg.get("att", 0))
         if key in self.recent:  # a duplicate (maybe from another sender's replay): custody is here already
             self.ack(route, msg.rid, hop)
@@ -213,6 +230,24 @@ class DataPlane:
         while len(self.recent) > RECENT_RUNS:
             self.recent.popitem(last=False)
         self.counters["received"] += 1
+
+    def _authorised(self, route: list[bytes], frames: list[Any], msg: P.Message) -> bool:
+        """Keyed: hop 0 from a user or operator (stamped as the requester), hop k > 0 from the plan's hop k-1."""
+        w, hop = self.w, msg.get("hop")
+        peer = w.sec.peer_of(frames[0])
+        if hop == 0:
+            ok = peer is not None and peer.role in RUNNERS
+            if ok:
+                msg.header["rk"] = peer.key  # results go to this key, whatever the sender wrote
+        else:
+            stage = w.stages.get((msg.get("mdl"), hop))
+            ok = peer is not None and stage is not None and peer.key in {w.peer_keys.get(ep) for ep in stage.prev}
+        if not ok:
+            self.counters["forbidden"] += 1
+            who = f"a {peer.role} key" if peer is not None else "an unlisted key"
+            self.reply_link(route, P.encode_error(msg.rid, Err.FORBIDDEN, f"worker: {who} may not send a "
+                                                  f"RUN for hop {hop}", hop=hop))
+        return ok
 
     # --- outbound ------------------------------------------------------------------------------
     def _ack_upstream(self, job: Job) -> None:
@@ -247,17 +282,19 @@ class DataPlane:
         """Send a computed output on (or report its error), then ACK upstream. False: no room now, retry."""
         w, job = self.w, done.job
         msg = job.msg
-        rid, hop, model, rep = msg.rid, msg.get("hop"), msg.get("mdl"), msg.get("rep")
+        rid, hop, model, rep, rk = msg.rid, msg.get("hop"), msg.get("mdl"), msg.get("rep"), msg.get("rk")
         if done.expired:
             self._ack_upstream(job)
             return True
         if done.error is not None:
-            self.report(rep, rid, hop, job.deadline, *done.error, att=msg.get("att", 0))
+            self.report(rep, rid, hop, job.deadline, *done.error, att=msg.get("att", 0), rk=rk)
             self._ack_upstream(job)
             return True
         stage = done.stage
         budget_ms = int((job.deadline - time.monotonic()) * 1000)
         fields: dict[str, Any] = {"mdl": model, "hop": hop + 1, "pln": stage.info.plan}
+        if rk is not None:
+            fields["rk"] = rk
         if not stage.link_out.is_raw:
             fields["cod"], fields["cmeta"] = stage.link_out.codec, done.cmeta
         if "trc" in msg.header:
@@ -269,7 +306,7 @@ class DataPlane:
                 frames = P.encode(Msg.RESULT, rid, budget_ms, fields, done.payload)
             except ProtocolError as e:  # e.g. a trace that no longer fits the header
                 return self._refuse(done, e)
-            if not self.links.send(rep, frames, job.deadline, droppable=True):
+            if not self.links.send(rep, frames, job.deadline, droppable=True, server_key=rk):
                 self.counters["replies_dropped"] += 1
             self.counters["results"] += 1
             self._ack_upstream(job)
@@ -278,7 +315,7 @@ class DataPlane:
             names = sorted({self.lost_peers.get(ep, ep) for ep in stage.info.next})
             self.report(rep, rid, hop + 1, job.deadline, Err.WORKER_LOST, f"every worker of stage {hop + 1} of "
                         f"{model} ({', '.join(names)}) was lost; the coordinator re-plans, then resend",
-                        att=msg.get("att", 0))
+                        att=msg.get("att", 0), rk=rk)
             self._ack_upstream(job)
             return True
         fields["rep"] = rep
@@ -296,7 +333,7 @@ class DataPlane:
             return False
         self.kept[(rid, hop + 1)] = Kept(dest, frames, rep, model, hop + 1, job.deadline,
                                          P.total_bytes(frames[1:]), time.monotonic(),
-                                         stage.info.next, att)
+                                         stage.info.next, att, rk=rk)
         self.counters["sent"] += 1
         self._ack_upstream(job)
         return True
@@ -306,19 +343,20 @@ class DataPlane:
         msg = done.job.msg
         self.report(msg.get("rep"), msg.rid, msg.get("hop"), done.job.deadline, Err.BAD_MESSAGE,
                     f"worker {self.w.name} cannot send the output of stage {msg.get('hop')} of {msg.get('mdl')}: {e}",
-                    att=msg.get("att", 0))
+                    att=msg.get("att", 0), rk=msg.get("rk"))
         self._ack_upstream(done.job)
         return True
 
     def report(self, rep: str | None, rid: bytes, hop: int, deadline: float, code: Err, reason: str,
-               att: int = 0) -> None:
+               att: int = 0, rk: str | None = None) -> None:
         """Send a request's ERROR to its requester: best effort, bounded, dropped if it does not take it.
 
         ``att`` says which attempt failed, so a requester that has replayed it ignores the old news.
         """
         self.counters["errors"] += 1
         fields = {"hop": hop, "att": min(att, 255)} if att else {"hop": hop}
-        if rep and not self.links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True):
+        if rep and not self.links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True,
+                                       server_key=rk):
             self.counters["replies_dropped"] += 1
 
     # --- replies from the next stage -------------------------------------------------------------
@@ -349,7 +387,7 @@ class DataPlane:
                 return
             del self.kept[(msg.rid, hop)]
             self.report(k.rep, msg.rid, k.hop, k.deadline, Err(code) if code in P.ERR_NAMES else Err.INTERNAL, reason,
-                        att=k.att)
+                        att=k.att, rk=k.rk)
 
     def _retry(self, now: float) -> None:
         """Send again what a next stage refused as OVERLOADED (or a lost worker held), as replicas get room."""
@@ -389,7 +427,7 @@ class DataPlane:
             failed += 1
             self.report(k.rep, key[0], k.hop, k.deadline, Err.WORKER_LOST,
                         f"worker {name} ({endpoint}) running stage {k.hop} of {k.model} was lost before finishing "
-                        "and no replica of it is alive", att=k.att)
+                        "and no replica of it is alive", att=k.att, rk=k.rk)
         self._retry(now)
         self.counters["replayed"] += replayed
         if replayed or failed:

@@ -47,6 +47,7 @@ class _Deploy:
                  links: list[tuple[LinkSpec, LinkSpec]], missing: list[str], load: bool) -> None:
         self.rid, self.manifest, self.plan, self.stages, self.links = rid, manifest, plan, stages, links
         self.load = load
+        self.prev: dict[int, tuple[str, ...]] = {}  # keyed: hop -> endpoints of the previous hop's workers
         self.missing = collections.deque(missing)
         self.current: str | None = None
         self.buf: bytearray | None = None
@@ -111,7 +112,11 @@ class Deployer:
             if manifest.name != model or any(s.model != model or s.n_blocks != manifest.n_blocks for s in stages):
                 raise ProtocolError(f"bad message: DEPLOY of {model} carries a manifest of {manifest.name}")
             load = P.body_get(body, "load", bool, True)
-        except (EdgesplitError, UnicodeDecodeError) as e:
+            prev = {int(k): tuple(P.check_endpoint(ep) for ep in v)
+                    for k, v in P.body_get(body, "prev", dict, {}).items()}
+            keys = {P.check_endpoint(ep): k for ep, k in P.body_get(body, "keys", dict, {}).items()
+                    if isinstance(k, str) and len(k) == P.KEY_Z85_CHARS}
+        except (EdgesplitError, UnicodeDecodeError, ValueError, TypeError) as e:
             _reply(sock, P.encode_error(msg.rid, Err.DEPLOY_FAILED, f"worker {w.name}: bad DEPLOY: {e}"))
             return
         needed = list(dict.fromkeys([b.id for s in stages for b in manifest.blocks[s.start:s.end]]
@@ -128,6 +133,8 @@ class Deployer:
             if d.manifest is not None and d.manifest.name == model:
                 self.fail(sock, rid, Err.DEPLOY_FAILED, f"deploy of {model} plan {d.plan} superseded by plan {plan}")
         self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing, load)
+        self.active[msg.rid].prev = prev
+        w.peer_keys.update(keys)
         self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
                       [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed))
 
@@ -232,7 +239,8 @@ class Deployer:
             codec_out = create_link_codec(link_out, d.manifest, w.store, w.device)
             check_link(codec_out, link_out)
             out.append(Stage(info, module, [b.id for b in entries], in_shape, link_in, link_out,
-                             codec_in, codec_out, sizes=[b.size_bytes for b in entries]))
+                             codec_in, codec_out, sizes=[b.size_bytes for b in entries],
+                             prev=d.prev.get(info.hop, ())))
         return out
 
     def _load(self, stages: list[Stage], warm_up: bool = True) -> tuple[Load, float]:

@@ -30,6 +30,7 @@ class Stage:
     codec_out: LinkCodec | None
     sizes: list[int] = field(default_factory=list)  # bytes per block, from the manifest
     loaded: list[bool] = field(default_factory=list)  # per block: parameters alias the cache (else meta)
+    prev: tuple[str, ...] = ()  # keyed: endpoints of the previous hop's workers, the only senders of its RUNs
 
     def __post_init__(self) -> None:
         self.children = list(self.module.children())
