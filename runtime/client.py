@@ -53,7 +53,7 @@ from .errors import (ConfigError, DeadlineMissed, Overloaded, ProtocolError, Req
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
-from .security import Security, check_exposure, load_keys
+from .security import InsecureNag, Security, check_exposure, is_loopback, load_keys
 from .security.roles import CONNECT, RESULTS
 from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, drain, local_address_towards, router,
                         send)
@@ -159,6 +159,7 @@ class Client:
         keys = load_keys(self.cfg.keys) if self.cfg.keys else None
         self._coordinator_key = keys.coordinator_key() if keys is not None else None
         check_exposure("the client's result socket", bind, keys is not None, self.cfg.insecure)
+        self._nag = InsecureNag("the client's result socket", bind, keys is None and not is_loopback(bind))
         self.sec = Security(self.ctx, keys, {RESULTS: CONNECT[RESULTS]})
         try:
             self._results, bound = router(self.ctx, bind, SocketOptions(hwm_msgs=max(P.DATA_HWM_MSGS, 64),
@@ -430,7 +431,8 @@ class Client:
         self._seq = itertools.count()
         self._link = CoordinatorLink(self._connect_coordinator, self.cfg.heartbeat_ms, self.cfg.liveness,
                                      f"coordinator {self.cfg.coordinator}", log)
-        self._links = PeerLinks(self.ctx, self.ident, SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
+        self._links = PeerLinks(self.ctx, b"c~" + P.new_rid()[:4].hex().encode(),
+                                SocketOptions(max_frame_bytes=self.cfg.max_frame_bytes),
                                 max_outbox_msgs=max(self.cfg.window, 1),
                                 protected=lambda ep: self._unacked[ep] > 0, sec=self.sec, key_of=self._worker_key)
         interval = self.cfg.heartbeat_ms / 1000.0
@@ -465,6 +467,7 @@ class Client:
                 if not self._ctl_out:  # a HELLO behind a backlog would add nothing
                     self._to_coordinator(P.encode(Msg.HELLO, P.new_rid(), self.cfg.heartbeat_ms))
             self._link.tick(now, require_heard=True)
+            self._nag.tick(now)
             self._pump(now)
             if now >= next_sweep:
                 next_sweep = now + 0.02

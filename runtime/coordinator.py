@@ -60,14 +60,14 @@ from .errors import ConfigError, DeployError, Forbidden, NotDeployed, Overloaded
 from .links import LinkSpec
 from .liveness import PeerTable
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
-from .plans import PLANS_DIR, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
+from .plans import PLANS_DIR, WORKER_KEYS_FILE, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
 from .protocol import Err, Msg
 from .security.ratelimit import RateLimiter
 from .security import InsecureNag, Peer, Security, check_exposure, is_loopback, load_keys
 from .security.roles import CONNECT, CONTROL, coordinator_takes
 from .transport import SocketOptions, Waker, recv, router, send
-from .types import MAX_REPLICAS, Route, StageInfo, WorkerInfo, WorkerState
+from .types import MAX_REPLICAS, Route, StageInfo, WorkerInfo, WorkerState, stages_from_msg
 
 log = logging.getLogger("edgesplit.coordinator")
 
@@ -118,6 +118,7 @@ class _WorkerRec:
     cache: dict[str, Any] = field(default_factory=dict)
     resident: list[list[Any]] = field(default_factory=list)  # [[model, hop], ...] whose blocks are all loaded
     last_seen: float = field(default_factory=time.monotonic)
+    claimed: list[StageInfo] = field(default_factory=list)  # every stage it reports (keyed: info.stages = ours)
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Coordinator:
         self._nag = InsecureNag("the coordinator", self.endpoint, keys is None and cfg.insecure
                                 and not is_loopback(cfg.bind))
         self.limiter = RateLimiter(cfg.control_rate, max(1, int(cfg.control_rate * 4)))
-        self.worker_keys: dict[str, str] = {}  # worker name -> the key it registered with (keyed clusters)
+        # keyed: worker name -> the key it first registered with, kept across restarts (a name is never handed over)
+        self.worker_keys: dict[str, str] = self.plan_store.worker_keys() if keys is not None else {}
         self.refused: collections.Counter[str] = collections.Counter()  # messages refused, by reason
         self._peer: Peer | None = None  # the sender of the message being handled (keyed clusters)
         self.workers: dict[str, _WorkerRec] = {}
@@ -353,11 +355,12 @@ class Coordinator:
         if _worker_name(ident) != info.name:
             raise ProtocolError(f"bad message: worker connects as {ident!r:.40} but calls itself {info.name!r}")
         key = self._peer.key if self._peer is not None else ""
-        info.stages = self._issued(info.stages)
+        claimed, info.stages = info.stages, self._issued(info.stages, info.name)
+        if key and not self._may_register(ident, msg, info, key):
+            return
         old = self.workers.get(info.name)
         if old is not None and old.ident != ident:
-            if info.name in self.live and (old.info.endpoint != info.endpoint or old.info.host != info.host
-                                           or self.worker_keys.get(info.name, key) != key):
+            if info.name in self.live and (old.info.endpoint != info.endpoint or old.info.host != info.host):
                 log.warning("refused a second worker named %s at %s (host %s): %s at %s is alive", info.name,
                             info.endpoint, info.host, info.name, old.info.endpoint)
                 self._reply(ident, P.encode_error(msg.rid, Err.NAME_TAKEN, (
@@ -368,9 +371,13 @@ class Coordinator:
             log.warning("worker %s re-registered from a new process at %s (was %s)", info.name, info.endpoint,
                         old.info.endpoint)
             self._notify_lost(info.name, old.info.endpoint)
-        self.workers[info.name] = _WorkerRec(info, ident)
-        if key:
+        self.workers[info.name] = _WorkerRec(info, ident, claimed=claimed)
+        if key and self.worker_keys.get(info.name) != key:
             self.worker_keys[info.name] = key
+            try:
+                self.plan_store.save_worker_keys(self.worker_keys)
+            except OSError as e:
+                log.error("E: could not keep worker %s's key in %s: %s", info.name, self.plan_store.root, e)
         self.seen.add(info.name)
         for s in info.stages:  # a worker declared lost that comes back still hosts its stages
             names = self.lost.get((s.model, s.plan), [])
@@ -393,25 +400,53 @@ class Coordinator:
             del self._retry[key]  # a fresh process deserves a fresh try
         self._reconcile(time.monotonic())
         self._end_prefetches(info.name, "registered again")
-        for model in sorted({s.model for s in info.stages} & self.undeployed):  # it missed the undeploy
+        for model in sorted({s.model for s in claimed} & self.undeployed):  # it missed the undeploy
             log.info("worker %s still hosts %s, undeployed meanwhile: undeploying it there", info.name, model)
             self._undeploy_on(model, [info.name], P.new_rid(), None)
 
-    def _issued(self, stages: list[StageInfo]) -> list[StageInfo]:
-        """Keyed: only stages of plans this coordinator issued (kept or being deployed) count; a worker
-        claiming another plan id (a higher one, to take a route over) is not believed."""
+    def _issued(self, stages: list[StageInfo], name: str) -> list[StageInfo]:
+        """Keyed: only the stages this coordinator gave ``name`` (in a kept plan, or one being deployed)
+        count for routes; a worker claiming others (another plan id, or another worker's stage of ours,
+        to take a route over) is not believed. What it claims still counts for clean-up."""
         if not self.sec.keyed:
             return stages
-        ours = {(r.model, r.plan) for r in self.records.values()} | {(p.model, p.plan) for p in self.plans.values()}
-        kept = [s for s in stages if (s.model, s.plan) in ours]
+        recs = [*self.records.values(), *(p.commit for p in self.plans.values() if p.commit is not None)]
+        given = {(r.model, r.plan, k, h.start, h.end) for r in recs for k, h in enumerate(r.hops) if name in h.workers}
+        kept = [s for s in stages if (s.model, s.plan, s.hop, s.start, s.end) in given]
         if len(kept) < len(stages):
             self.refused["plan_id"] += len(stages) - len(kept)
         return kept
 
-    def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
+    def _may_register(self, ident: bytes, msg: P.Message, info: WorkerInfo, key: str) -> bool:
+        """Keyed: a name belongs to the key that first registered it (across restarts), and an endpoint to the
+        worker that holds or is planned at it; anything else is refused as NAME_TAKEN."""
+        bound = self.worker_keys.get(info.name)
+        holder = next((n for n, w in self.workers.items() if w.info.endpoint == info.endpoint and n != info.name),
+                      None) or next((n for r in self.records.values() for n, ep in r.endpoints.items()
+                                     if ep == info.endpoint and n != info.name), None)
+        if bound is not None and bound != key:
+            why = (f"worker name {info.name} belongs to another key; if this board was given a new key, remove "
+                   f"{info.name} from {self.plan_store.root / WORKER_KEYS_FILE} and restart the coordinator")
+        elif holder is not None:
+            why = f"endpoint {info.endpoint} belongs to another worker; give each worker its own --bind port"
+        else:
+            return True
+        self.refused["name"] += 1
+        log.warning("refused a READY as %s at %s: %s", info.name, info.endpoint, why)
+        self._reply(ident, P.encode_error(msg.rid, Err.NAME_TAKEN, why))
+        return False
+
+    def _worker_at(self, ident: bytes) -> _WorkerRec | None:
+        """The registered worker sending on ``ident`` (keyed: with the key it registered with), or None."""
         rec = self.workers.get(_worker_name(ident))
         if rec is None or rec.ident != ident or (self._peer is not None and
                                                  self.worker_keys.get(rec.info.name) != self._peer.key):
+            return None
+        return rec
+
+    def _known_worker(self, ident: bytes, msg: P.Message) -> _WorkerRec | None:
+        rec = self._worker_at(ident)
+        if rec is None:
             self._reply(ident, P.encode(Msg.DISCONNECT, msg.rid, 0))
             return None
         rec.last_seen = time.monotonic()
@@ -423,7 +458,8 @@ class Coordinator:
         if rec is None:
             return
         body = msg.body
-        rec.info.stages = self._issued([StageInfo.from_msg(s) for s in P.body_get(body, "stages", list, [])])
+        rec.claimed = stages_from_msg(P.body_get(body, "stages", list, []))
+        rec.info.stages = self._issued(rec.claimed, rec.info.name)
         tel = dict(P.body_get(body, "telemetry", dict, {}))
         tel["kept"] = body.get("kept", 0)  # outputs awaiting an ACK: 0 when idle, else a leak
         tel["queue"] = body.get("queue", 0)
@@ -438,7 +474,9 @@ class Coordinator:
         if rec is None:
             return
         model = msg.body.get("model")
-        stages = self._issued([StageInfo.from_msg(s) for s in P.body_get(msg.body, "stages", list, [])])
+        claimed = stages_from_msg(P.body_get(msg.body, "stages", list, []))
+        rec.claimed = [s for s in rec.claimed if s.model != model] + claimed
+        stages = self._issued(claimed, rec.info.name)
         rec.info.stages = [s for s in rec.info.stages if s.model != model] + stages
         plan = self.plans.get(msg.rid)
         if plan is None:
@@ -655,7 +693,7 @@ class Coordinator:
                 del self.plans[rid]
         # workers hosting an older plan of this model get an empty stage list (undeploy)
         extra = sorted(w for w, r in self.workers.items() if w not in named and any(s.model == model
-                                                                                    for s in r.info.stages))
+                                                                                    for s in r.claimed))
         pending = _PendingPlan(model, record.plan, set(), self._deploy_deadline(), client=ident, rid=msg.rid,
                                commit=record)
         self._send_deploys(msg.rid, manifest, record, record.workers + extra, pending, load)
@@ -663,8 +701,8 @@ class Coordinator:
 
     def _on_link(self, ident: bytes, msg: P.Message) -> None:
         """A client's LINK order goes to every replica of the cut's sending stage; their replies come back here."""
-        worker = self.workers.get(_worker_name(ident))
-        if worker is not None and worker.ident == ident:
+        worker = self._worker_at(ident)
+        if worker is not None:
             self._on_link_reply(worker.info.name, msg)
             return
         self._operator_only(msg)
@@ -740,7 +778,7 @@ class Coordinator:
         for rid, pending in list(self.plans.items()):  # a deploy or repair in progress ends here
             if pending.model == model:
                 self._fail_plan(rid, Err.DEPLOY_FAILED, f"{model} was undeployed meanwhile")
-        targets = sorted(w for w, r in self.workers.items() if any(s.model == model for s in r.info.stages))
+        targets = sorted(w for w, r in self.workers.items() if any(s.model == model for s in r.claimed))
         if not targets:
             self._reply(ident, P.encode(Msg.UNDEPLOY, msg.rid, 0, {"body": {"loaded": {}}}))
             return
@@ -769,10 +807,10 @@ class Coordinator:
 
     def _on_prefetch(self, ident: bytes, msg: P.Message) -> None:
         """A client's PREFETCH goes to every worker hosting the model; a worker's reply is collected here."""
-        worker = self.workers.get(_worker_name(ident))
-        if "loaded_bytes" in msg.body and (worker is None or worker.ident != ident):
+        worker = self._worker_at(ident)
+        if "loaded_bytes" in msg.body and worker is None:
             return  # a reply from a worker purged meanwhile (its order already ended)
-        if worker is not None and worker.ident == ident:
+        if worker is not None:
             order = self.prefetches.get(msg.rid)
             if order is None or worker.info.name not in order.waiting:
                 return
@@ -1008,7 +1046,7 @@ class Coordinator:
                 continue  # removed from the store: nothing to deploy
             if manifest.n_blocks != rec.n_blocks:
                 continue  # re-partitioned since: only a new deploy makes sense
-            live = self._live_view(model)
+            live = self._live_view(model, claimed=True)
             may_replan = self.cfg.replan and grace and any(w in self.seen for w in rec.workers)
             hop_bytes = [sum(b.size_bytes for b in manifest.blocks[h.start:h.end]) for h in rec.hops]
             repair = reconcile(rec, live, self._peek_plan_id(), hop_bytes, may_replan)
@@ -1027,23 +1065,25 @@ class Coordinator:
         pending = _PendingPlan(model, repair.record.plan, set(), self._deploy_deadline(), kind=repair.kind)
         self._send_deploys(P.new_rid(), manifest, repair.record, list(targets), pending)
 
-    def _live_view(self, model: str | None = None) -> dict[str, LiveWorker]:
+    def _live_view(self, model: str | None = None, claimed: bool = False) -> dict[str, LiveWorker]:
         """The live workers as ``reconcile`` and the routes see them.
 
         ``hosted_bytes`` counts only ``model``'s stages (none when None): a worker evicts other
         models' blocks to make room, so only this model's own stages compete for its budget.
+        ``claimed``: every stage workers report (to clean up), not only those of our plans (to route).
         """
         out = {}
         for name, rec in self.workers.items():
+            stages = rec.claimed if claimed else rec.info.stages
             hosted = 0
-            for s in rec.info.stages if model is not None else ():
+            for s in stages if model is not None else ():
                 if s.model != model:
                     continue
                 try:
                     hosted += sum(b.size_bytes for b in self._manifest(s.model).blocks[s.start:s.end])
                 except (RuntimeFailure, EdgesplitError):
                     pass  # a model no longer in the store: its size is unknown, count it as nothing
-            out[name] = LiveWorker(rec.info.endpoint, frozenset(rec.info.stages), rec.info.memory_budget_bytes, hosted,
+            out[name] = LiveWorker(rec.info.endpoint, frozenset(stages), rec.info.memory_budget_bytes, hosted,
                                    self.worker_keys.get(name, ""))
         return out
 

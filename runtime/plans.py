@@ -36,6 +36,7 @@ log = logging.getLogger("edgesplit.coordinator.plans")
 
 PLAN_FORMAT = 1  # bump on an incompatible change of the file layout
 PLANS_DIR = "plans"  # under the coordinator's store
+WORKER_KEYS_FILE = "worker-keys.bound"  # keyed clusters: which key each worker name belongs to (JSON)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,22 @@ class PlanStore:
             atomic_write(marker, b"")
         else:
             marker.unlink(missing_ok=True)
+
+    def worker_keys(self) -> dict[str, str]:
+        """Keyed clusters: worker name -> the public key it first registered with (kept across restarts)."""
+        path = self.root / WORKER_KEYS_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error("E: %s is unreadable (%s); worker names are bound to keys afresh", path, e)
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} \
+            if isinstance(data, dict) else {}
+
+    def save_worker_keys(self, keys: dict[str, str]) -> None:
+        atomic_write(self.root / WORKER_KEYS_FILE, json.dumps(keys, indent=1, sort_keys=True).encode())
 
     def undeployed(self) -> set[str]:
         """Models undeployed and not deployed since."""

@@ -2,7 +2,7 @@
 
 A message is a ZeroMQ multipart message (after any ROUTER routing-id frames)::
 
-    F0  VERSION (b"ESP2")          protocol id + version, 4 bytes; anything else is refused
+    F0  VERSION (b"ESP3")          protocol id + version, 4 bytes; anything else is refused
         + msgpack header (<= 16 KiB) {"t": type, "rid": 16-byte id, "bud": budget ms, ...}
     F1… one raw frame per tensor   C-contiguous little-endian bytes, len == prod(shape) * itemsize
 
@@ -54,7 +54,7 @@ if sys.byteorder != "little":  # tensor frames are little-endian raw bytes
     raise ImportError("edgesplit's wire format needs a little-endian host")
 
 # --- framing ---------------------------------------------------------------------------------
-VERSION = b"ESP2"  # like zguide's MDPW01: bump on any incompatible header change; the header frame's first bytes
+VERSION = b"ESP3"  # like zguide's MDPW01: bump on any incompatible header change; the header frame's first bytes
 _VLEN = len(VERSION)
 RID_BYTES = 16  # request ids are uuid4-sized random bytes
 HEADER_MAX_BYTES = 16 * 1024  # msgpack part of the header frame (after VERSION); bounds msgpack amplification
@@ -219,6 +219,7 @@ class TensorSpec:
 # --- header schema ---------------------------------------------------------------------------
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _ENDPOINT = re.compile(r"(tcp://[A-Za-z0-9.\-\[\]:*]{1,200}:[0-9]{1,5}|ipc://[^\x00]{1,200}|inproc://[^\x00]{1,200})")
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{" + str(KEY_Z85_CHARS) + "}")  # a CURVE public key
 _SHORT = 64
 _REASON = 1024
 
@@ -296,6 +297,7 @@ def _str_seen(v: Any, name: str, limit: int, pattern: re.Pattern[str], seen: set
 
 
 _SEEN_MODELS: set[str] = set()
+_SEEN_KEYS: set[str] = set()
 _SEEN_ENDPOINTS: set[str] = set()
 
 
@@ -408,8 +410,8 @@ def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, 
         _str_seen(h["mdl"], "mdl", 128, _MODEL_NAME, _SEEN_MODELS)
     if "rep" in h:
         _str_seen(h["rep"], "rep", 256, _ENDPOINT, _SEEN_ENDPOINTS)
-    if "rk" in h and (type(h["rk"]) is not str or len(h["rk"]) != KEY_Z85_CHARS):
-        raise _bad(f"rk must be a public key of {KEY_Z85_CHARS} z85 characters")
+    if "rk" in h:
+        _str_seen(h["rk"], "rk", KEY_Z85_CHARS, _Z85_KEY, _SEEN_KEYS)
     if "cod" in h:
         _str(h["cod"], "cod", _SHORT)
     for key in ("cmeta", "body"):

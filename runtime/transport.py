@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import socket as pysocket
 import threading
 import time
@@ -74,7 +75,9 @@ def router(ctx: zmq.Context, bind: str, opts: SocketOptions = SocketOptions(),
     if sec is not None:
         sec.serve(sock, domain)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its old id replaces the stale link
+    # open: a peer reconnecting under its old id replaces the stale link. Keyed: never, since ids are chosen by
+    # peers, another key holder could take a live peer's traffic over by connecting under its id
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if sec is not None and sec.keyed else 1)
     try:
         sock.bind(bind)
     except zmq.ZMQError as e:
@@ -95,7 +98,7 @@ def dealer(ctx: zmq.Context, connect: str, identity: bytes, opts: SocketOptions 
     if sec is not None:
         try:
             sec.dial(sock, server_key)
-        except ConfigError:
+        except (ConfigError, zmq.ZMQError):  # ZMQError: a key that is not z85
             sock.close(0)
             raise
     sock.connect(connect)
@@ -243,6 +246,11 @@ class _Link:
     server_key: bytes | str | None = None
 
 
+def _keyed_name(endpoint: str, key: bytes | str) -> str:
+    """A per-key link's name: the endpoint and the key (a space is in neither a z85 key nor a tcp endpoint)."""
+    return f"{endpoint} {key.decode() if isinstance(key, bytes) else key}"
+
+
 class PeerLinks:
     """One DEALER per remote endpoint, each with a bounded outbox of messages not yet accepted.
 
@@ -259,17 +267,22 @@ class PeerLinks:
     dropped is counted in ``dropped``.
 
     Keyed (``sec`` holds keys), each link speaks CURVE to one server key: ``key_of(endpoint)``
-    (a worker's key, from the coordinator), or the key a send names (a requester's). A link
-    asked for with another key than it has is closed and dialled again with the new one.
+    (a worker's key, from the coordinator), or the key a send names (a requester's). With
+    ``per_key`` (the links to requesters), a link is one (endpoint, key) pair, so a requester
+    naming another's endpoint gets a link of its own (whose handshake fails) and never touches
+    the other's; without it a link asked for with another key is dialled again with that key.
+    Every link has its own random id, so a peer that sees one link's id cannot pose as this
+    process on another.
     """
 
     def __init__(self, ctx: zmq.Context, identity: bytes, opts: SocketOptions = SocketOptions(),
                  max_outbox_msgs: int = 64, max_links: int = 64, idle_close_s: float = 30.0,
                  protected: Callable[[str], bool] = lambda ep: False, sec: Security | None = None,
-                 key_of: Callable[[str], bytes | str | None] = lambda ep: None) -> None:
+                 key_of: Callable[[str], bytes | str | None] = lambda ep: None, per_key: bool = False) -> None:
         self.ctx, self.identity, self.opts, self.protected = ctx, identity, opts, protected
         self.sec = sec if sec is not None and sec.keyed else None
         self.key_of = key_of
+        self.per_key = per_key and self.sec is not None
         self.max_outbox_msgs, self.max_links, self.idle_close_s = max_outbox_msgs, max_links, idle_close_s
         self._links: collections.OrderedDict[str, _Link] = collections.OrderedDict()
         self._by_sock: dict[zmq.Socket, str] = {}
@@ -283,20 +296,25 @@ class PeerLinks:
         does not name first (a next stage's link, or one with requests awaiting its ACK), so a
         flood of requesters can never close the links that carry custody.
         """
-        link = self._links.get(endpoint)
+        address = endpoint
         if self.sec is not None:
             server_key = server_key or self.key_of(endpoint)
             if not server_key:
                 return None
-            if link is not None and link.server_key != server_key:
-                self.close(endpoint)
-                link = None
+            if self.per_key:
+                endpoint = _keyed_name(endpoint, server_key)
+        link = self._links.get(endpoint)
+        if link is not None and self.sec is not None and link.server_key != server_key:
+            self.close(endpoint)
+            link = None
         if link is None:
             while len(self._links) >= self.max_links:
                 victim = next((ep for ep in self._links if not self.protected(ep)), next(iter(self._links)))
                 self.close(victim)
+            # an id per link: a peer that sees one link's id cannot pose as this process on another link
+            ident = self.identity + b"." + os.urandom(4).hex().encode()
             try:
-                sock = dealer(self.ctx, endpoint, self.identity, self.opts, self.sec, server_key)
+                sock = dealer(self.ctx, address, ident, self.opts, self.sec, server_key)
             except (zmq.ZMQError, ConfigError):  # e.g. tcp://*:5 passes the decoder's pattern but cannot be dialled
                 return None
             link = _Link(sock, collections.deque(), time.monotonic(), server_key)
@@ -339,7 +357,7 @@ class PeerLinks:
         if sock is None:
             self.dropped += 1
             return True  # nothing will ever reach it; the request's deadline ends it
-        link = self._links[endpoint]
+        link = self._links[self.endpoint_of(sock)]
         if not link.outbox and send(sock, frames):
             return True
         if len(link.outbox) >= self.max_outbox_msgs:

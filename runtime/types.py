@@ -76,6 +76,17 @@ class StageInfo:
                    tuple(P.check_endpoint(ep) for ep in nxt))
 
 
+MAX_REPORTED_STAGES = 256  # stages one worker reports at once (a READY or HEARTBEAT is parsed in bounded time)
+
+
+def stages_from_msg(v: Any) -> list[StageInfo]:
+    """The stages a worker reports, at most ``MAX_REPORTED_STAGES``."""
+    items = _list(v, "stages")
+    if len(items) > MAX_REPORTED_STAGES:
+        raise ProtocolError(f"bad message: a worker reports at most {MAX_REPORTED_STAGES} stages, got {len(items)}")
+    return [StageInfo.from_msg(s) for s in items]
+
+
 @dataclass(frozen=True)
 class RouteHop:
     """One stage of a route: who runs blocks ``[start, end)`` and where to send its input."""
@@ -201,7 +212,7 @@ class WorkerInfo:
         return cls(name=name, endpoint=P.check_endpoint(v.get("endpoint")), device=str(v.get("device", "cpu"))[:32],
                    memory_budget_bytes=_int(v.get("memory_budget_bytes", 0), "memory_budget_bytes"), state=state,
                    host=str(v.get("host", ""))[:128], pid=_int(v.get("pid", 0), "pid"),
-                   stages=[StageInfo.from_msg(s) for s in _list(v.get("stages", []), "stages")],
+                   stages=stages_from_msg(v.get("stages", [])),
                    telemetry=tel if isinstance(tel, dict) else {},
                    last_seen_s=float(v.get("last_seen_s", 0.0)) if P.is_finite_number(v.get("last_seen_s", 0.0)) else 0.0,
                    stats=v.get("stats") if isinstance(v.get("stats"), list) else [],

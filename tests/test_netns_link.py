@@ -126,7 +126,7 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
             assert len(measured) == 1 and 0.5 * RATE_BYTES_PER_S < measured[0] < 2 * RATE_BYTES_PER_S
             from edgesplit.runtime import cli
             capsys.readouterr()
-            assert cli.main(["workers", "--coordinator", lc.endpoint, "--keys", str(lc.key_dir("user"))]) == 0
+            assert cli.main(["workers", "--coordinator", lc.endpoint, "--keys", str(lc.key_dir("operator"))]) == 0
             assert f"w0 -> tcp://{far}:" in capsys.readouterr().out  # `edgesplit workers` shows the measurement
             cl.set_link("vit4", 0, rate="measured", share=0.2)
             _, _, nbytes = run(n=3, timeout_ms=150)

@@ -120,7 +120,7 @@ def test_malformed_messages_raise_protocol_error(case):
 def test_an_esp1_peer_is_told_to_upgrade():
     with pytest.raises(ProtocolError, match="protocol ESP1 peer; upgrade it"):
         P.decode([b"ESP1", msgpack.packb(_hdr()), bytes(16)])
-    with pytest.raises(ProtocolError, match="expected b'ESP2'"):
+    with pytest.raises(ProtocolError, match="expected b'ESP3'"):
         P.decode([b"ESP0" + msgpack.packb(_hdr()), bytes(16)])
 
 

@@ -10,6 +10,7 @@ still returns the model's output.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -243,6 +244,54 @@ def test_a_listed_worker_cannot_take_over_a_name_or_a_route(keyed, model_store):
     assert (route, plans) == before[1:]
     assert [w for w in workers if w[0] != "rogue"] == before[0]
     _valid_request(lc, model_store)
+
+
+def test_a_listed_worker_cannot_claim_stages_of_a_real_plan_or_a_planned_endpoint(keyed, model_store):
+    """The plan id is no secret (a worker on the route knows it): stages count only where the plan put them."""
+    lc, ctl, rogue = keyed
+    before = _state(lc, ctl)
+    route = ctl.route(MODEL)
+    stages = [[MODEL, h.hop, h.start, h.end, 6, route.plan, [route.hops[1].endpoint] if h.hop == 0 else []]
+              for h in route.hops]
+    p = Peer(lc.endpoint, rogue, _coordinator_key(lc), ident=b"rogue/12345678")
+    try:
+        reply = p.ask(P.encode(Msg.READY, P.new_rid(), 3000, {"body": {
+            "name": "rogue", "endpoint": "tcp://127.0.0.1:2", "device": "cpu", "memory_budget_bytes": 1 << 30,
+            "stages": stages}}))
+        assert reply is not None and reply.type == Msg.HEARTBEAT  # registered, but its claims count for nothing
+        assert p.send(P.encode(Msg.HEARTBEAT, P.new_rid(), 3000, {"body": {"stages": stages}}))
+        time.sleep(0.3)
+        assert ctl.route(MODEL, refresh=True).workers == ["w0", "w1"]
+    finally:
+        p.close()
+    # w1's endpoint under another name: refused, so no worker is told that another key serves there
+    p = Peer(lc.endpoint, rogue, _coordinator_key(lc), ident=b"rogue2/12345678")
+    try:
+        reply = p.ask(P.encode(Msg.READY, P.new_rid(), 3000, {"body": {
+            "name": "rogue2", "endpoint": route.hops[1].endpoint, "device": "cpu", "memory_budget_bytes": 1 << 30,
+            "stages": stages[1:]}}))
+        assert reply is not None and reply.get("err")[0] == Err.NAME_TAKEN, reply
+    finally:
+        p.close()
+    workers, route_now, plans = _state(lc, ctl)
+    assert (route_now, plans) == before[1:]
+    _valid_request(lc, model_store)
+    bound = json.loads((lc.workdir / "plans" / "worker-keys.bound").read_text())  # names stay with their keys
+    assert bound["w0"] == load_keys(lc.key_dir("w0")).me.key and bound["w1"] == load_keys(lc.key_dir("w1")).me.key
+
+
+def test_a_user_naming_a_worker_as_its_result_endpoint_breaks_nothing(keyed, model_store):
+    """Errors for that user go to a link of their own (whose handshake fails), never over the custody link."""
+    lc, ctl, _ = keyed
+    route = ctl.route(MODEL)
+    p = Peer(route.hops[0].endpoint, lc.key_dir("user"), route.hops[0].key)
+    try:
+        for _ in range(200):  # a wrong input shape: each one makes w0 report an error to ``rep``
+            assert p.send(P.encode(Msg.RUN, P.new_rid(), 2000, {"mdl": MODEL, "hop": 0, "pln": route.plan,
+                                                                "rep": route.hops[1].endpoint}, [torch.zeros(1, 5)]))
+        _valid_request(lc, model_store)
+    finally:
+        p.close()
 
 
 def test_the_client_takes_results_only_from_the_last_hop(keyed, model_store):

@@ -7,6 +7,7 @@ then says so in its log every minute.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
@@ -23,7 +24,12 @@ def is_loopback(endpoint: str) -> bool:
     if not endpoint.startswith("tcp://"):
         return False
     host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name (or *): it may resolve to anything
+        return False
 
 
 def check_exposure(what: str, endpoint: str, keyed: bool, insecure: bool) -> None:

@@ -108,6 +108,8 @@ class Worker:
             torch.set_num_threads(cfg.torch_threads)
         # the identity on every socket: the name plus a per-process tag, so two processes never share one
         self.ident = f"{self.name}/{os.urandom(4).hex()}".encode()
+        # data links' ids: another random tag, so a peer that sees them (a requester) never learns the control id
+        self.data_ident = f"{self.name}~{os.urandom(4).hex()}".encode()
         self.log = logging.getLogger(f"edgesplit.worker.{self.name}")
         self.store = BlockStore(cfg.store, read_rate_bps=cfg.store_read_bytes or None)
         self.cache = BlockCache(self.store, cfg.memory_budget_bytes, self.device)

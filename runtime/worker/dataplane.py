@@ -73,8 +73,13 @@ class DataPlane:
     def __init__(self, worker: "Worker") -> None:
         w = self.w = worker
         self.log = logging.getLogger(f"edgesplit.worker.{w.name}.data")
-        self.links = PeerLinks(w.ctx, w.ident, w.opts, max_outbox_msgs=w.cfg.max_kept, max_links=w.cfg.max_peers,
-                               protected=self._carries_custody, sec=w.sec, key_of=w.peer_keys.get)
+        # links to next stages (custody) and to requesters (results, errors) apart: what a requester names as
+        # its ``rep`` can never close, re-key or crowd out a link that carries custody
+        self.links = PeerLinks(w.ctx, w.data_ident, w.opts, max_outbox_msgs=w.cfg.max_kept,
+                               max_links=w.cfg.max_peers, protected=self._carries_custody, sec=w.sec,
+                               key_of=w.peer_keys.get)
+        self.reply_links = PeerLinks(w.ctx, w.data_ident, w.opts, max_outbox_msgs=w.cfg.max_kept,
+                                     max_links=w.cfg.max_peers, sec=w.sec, per_key=True)
         self.kept: collections.OrderedDict[tuple[bytes, int], Kept] = collections.OrderedDict()
         self.recent: collections.OrderedDict[tuple[bytes, int, int], bool] = collections.OrderedDict()
         self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
@@ -94,8 +99,8 @@ class DataPlane:
             any(k.dest == endpoint for k in self.kept.values())
 
     def report_counters(self) -> dict[str, int]:
-        return {**self.counters, "replies_dropped": self.counters["replies_dropped"] + self.links.dropped,
-                "peers": len(self.links)}
+        return {**self.counters, "replies_dropped": self.counters["replies_dropped"] + self.links.dropped
+                + self.reply_links.dropped, "peers": len(self.links) + len(self.reply_links)}
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -105,7 +110,7 @@ class DataPlane:
             poller = zmq.Poller()
             poller.register(w.data, zmq.POLLIN)
             poller.register(w.waker, zmq.POLLIN)
-            for sock, flags in self.links.poll_flags():
+            for sock, flags in [*self.links.poll_flags(), *self.reply_links.poll_flags()]:
                 poller.register(sock, flags)
             busy = self.replies or self.held or self.retrying
             events = dict(poller.poll(5 if busy else 100))
@@ -114,6 +119,7 @@ class DataPlane:
             if w.data in events:
                 drain(w.data, self.on_inbound, n_route=1)
             self.links.serve(events, self.on_link_reply)
+            self.reply_links.serve(events, lambda ep, frames: None)  # a result socket answers nothing
             self._drain_outputs()
             self._flush_acks()
             while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
@@ -125,6 +131,7 @@ class DataPlane:
                 next_sweep = now + 0.1
                 self._expire(now)
         self.links.close_all()
+        self.reply_links.close_all()
 
     def _drain_outputs(self) -> None:
         """Compute's outputs go downstream while the kept table has room (else compute waits: back-pressure)."""
@@ -306,7 +313,7 @@ class DataPlane:
                 frames = P.encode(Msg.RESULT, rid, budget_ms, fields, done.payload)
             except ProtocolError as e:  # e.g. a trace that no longer fits the header
                 return self._refuse(done, e)
-            if not self.links.send(rep, frames, job.deadline, droppable=True, server_key=rk):
+            if not self.reply_links.send(rep, frames, job.deadline, droppable=True, server_key=rk):
                 self.counters["replies_dropped"] += 1
             self.counters["results"] += 1
             self._ack_upstream(job)
@@ -355,7 +362,7 @@ class DataPlane:
         """
         self.counters["errors"] += 1
         fields = {"hop": hop, "att": min(att, 255)} if att else {"hop": hop}
-        if rep and not self.links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True,
+        if rep and not self.reply_links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True,
                                        server_key=rk):
             self.counters["replies_dropped"] += 1
 
@@ -442,4 +449,5 @@ class DataPlane:
                 self.links.discard(k.dest, k.frames)
                 self.counters["kept_expired"] += 1
         self.links.expire(now)
+        self.reply_links.expire(now)
 
