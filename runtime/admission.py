@@ -208,7 +208,12 @@ class Admission:
         refused: list[Refusal] = []
         by_server: dict[str, list[Ask]] = {}
         servers = group_servers(hosted)
+        seen = {j.ask.rid for jobs in self.held.values() for j in jobs}
         for ask in asks:
+            if ask.rid in seen:  # one client's reused id must not fail the window for everyone
+                refused.append(Refusal(ask, "this request id is already admitted and waiting; request ids are unique"))
+                continue
+            seen.add(ask.rid)
             if ask.model not in hosted:
                 refused.append(Refusal(ask, f"model {ask.model} has no live route right now (being deployed or its "
                                             "workers were lost); ask again shortly"))

@@ -277,6 +277,38 @@ def test_unknown_model_and_bad_admit_get_clear_errors_and_the_coordinator_serves
     assert _outcome(cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="after")) == "ok"
 
 
+@pytest.mark.parametrize("n", [40, 200])  # held ones re-planned with the new asks (<= 64), or appended after them
+def test_a_reused_request_id_fails_only_its_sender(live, n):
+    """Found by fuzzing: an ADMIT reusing the id of an admitted, held request made the window's plan raise, and
+    every ask of that window (other clients' too) got an INTERNAL error (or, beyond 64 held, was admitted twice)."""
+    lc, cl = live
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(lc.endpoint)
+    sock.RCVTIMEO = 5000
+    try:
+        rids = [P.new_rid() for _ in range(n)]
+        for rid in rids:  # one window: released one slot after another, the last ones held a while
+            sock.send_multipart(P.encode(Msg.ADMIT, rid, 1000, {"mdl": "dummy3",
+                                                                "body": {"deadline_ms": 60_000.0, "bytes": 16}}))
+        answered = 0
+        while answered < len(rids):
+            answered += "go" not in P.decode(sock.recv_multipart()).body
+        sock.send_multipart(P.encode(Msg.ADMIT, rids[-1], 1000, {"mdl": "dummy3",
+                                                                 "body": {"deadline_ms": 60_000.0, "bytes": 16}}))
+        other = cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="other")
+        while True:
+            reply = P.decode(sock.recv_multipart())
+            if reply.type == Msg.ERROR or "go" not in reply.body:
+                break
+        assert reply.rid == rids[-1] and reply.type == Msg.ERROR, reply
+        assert reply.get("err")[0] == Err.DEADLINE_UNMEETABLE and "unique" in reply.get("err")[1], reply
+        assert _outcome(other) == "ok"
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
 def test_a_client_that_leaves_mid_stream_holds_nobody_back(live):
     lc, cl = live
     gone = lc.client()
