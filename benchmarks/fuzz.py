@@ -951,8 +951,8 @@ def print_table(reports: list[SocketReport]) -> None:
     for r in reports:
         print(f"{r.socket:12} {r.sent:7d} {r.replies:8d} {r.sink:6d} {r.send_stalls:6d} {len(r.crashes):7d} "
               f"{r.seconds:8.1f}")
-    print(f"\nRSS MiB per process while fuzzing each socket (start = before its first message, before = after the "
-          f"warm-up, max = largest sample)")
+    print("\nRSS MiB per process while fuzzing each socket (start = before its first message, before = after the "
+          "warm-up, max = largest sample)")
     print(f"{'socket':12} {'process':12} {'start':>7} {'before':>7} {'after':>7} {'max':>7} {'growth':>7}")
     for r in reports:
         for name in r.rss_after:
