@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/fuzz.py                  # 10,000 messages per socket (a few minutes on 2 cores)
     .venv/bin/python benchmarks/fuzz.py --n 2000 --seed 1
     .venv/bin/python benchmarks/fuzz.py --impersonate     # also let messages pose as the cluster's own members
+    .venv/bin/python benchmarks/fuzz.py --keyed           # a keyed cluster (CURVE + roles), fuzzed by key holders
 
 The input-hardening acceptance: ">= 10,000 generated messages per socket, 0 crashes, bounded
 memory". ``tests/test_fuzz.py`` runs this very code with a smaller count; this script gives the figure.
@@ -26,6 +27,20 @@ fixed input must never change) and ``dummy6`` on w0 + w1 with the weightless ``i
   playground model, never the canary; without ``--impersonate`` no message claims a member's name
   or endpoint (the cluster here is unkeyed, so its control plane authenticates nobody: a peer that
   can reach the coordinator may register a worker, which is not what this fuzzes).
+
+``--keyed``: the same messages to a keyed cluster (CURVE on every socket, ZAP allow-lists, roles
+checked per message), sent by authenticated insiders, which is where the handlers sit behind the
+role checks: the coordinator gets them from two extra worker keys (``fz0``, ``fz1``: the worker-like
+identities, so READY registers them and HEARTBEAT/FETCH/... reach the worker handlers) and an extra
+operator key (``fzop``: PLAN, LINK, ...); w0's data socket from the cluster's user key (hop 0); w1's
+from w0's own key (the plan's previous hop, so hop 1 gets past the route check) and the user key; the
+client's result socket from w1's key (its routes' last hop: RESULTs are taken) and w0's (ERRORs only).
+A message whose type or hop the drawn sender's key may not send goes, four times in five, from a
+sender whose key may (``KEYED_REROUTE``); the rest are answered FORBIDDEN (the client drops them
+silently, counted as forged), counted in the table's ``forbidden`` column. RUNs mostly carry an
+``rk`` (the requester's key, which hop 1 takes from its sender): mostly the key of the sink, a CURVE
+result socket holding the user's secret, so results come back there; else other members' keys, keys
+no one holds, or malformed ones.
 
 Messages are templates drawn by hypothesis: a version prefix, a msgpack header over the known
 header keys and a payload frame per declared tensor. Most are structurally valid (right version,
@@ -49,6 +64,13 @@ hypothesis included. Needs the test extra (hypothesis). Writes ``benchmarks/out/
 Measured (2 cores, ``--n 10000 --seed 7``, 167 s): 10,000 messages per socket, 0 crashes, every
 victim ended; daemon RSS grew by at most 2.0 MiB from the warm-up to the end of its socket's run
 (w0 +2.0, w1 +1.7, coordinator +1.0 MiB), and by at most 0.7 MiB while another socket was fuzzed.
+
+Measured later (2 cores, ``--n 10000``, random seeds; ``--keyed`` writes ``benchmarks/out/fuzz_keyed.json``):
+keyed, 144 s: w0, w1 and the client 10,000 messages each, 0 crashes, every victim ended, daemon RSS growth
+<= 1.8 MiB; FORBIDDEN 862 (w0), 1,851 (w1), 629 forged (client), 453 (coordinator). The coordinator exited
+after 8,550 messages, and in the open run (133 s) after 3,180: a registered worker's HEARTBEAT whose
+``cache.load_bytes_per_s`` is a string, then any ADMIT: ``Coordinator._admit`` calls ``float()`` on it
+outside its try (ValueError in the loop). Keyed, it takes a listed worker key (an insider); open, anyone.
 """
 from __future__ import annotations
 
@@ -123,6 +145,13 @@ class Template:
 
 
 
+def zmq_public_key() -> str:
+    """A fresh CURVE public key that no member holds."""
+    import zmq
+
+    return zmq.curve_keypair()[0].decode()
+
+
 def describe(frames: Sequence[bytes | memoryview]) -> str:
     """A message as sent, to reproduce it: the first frame as a bytes literal, payload frames by length and head."""
     return repr([bytes(frames[0]), *[f"<{len(f)} B: {bytes(f[:16])!r}...>" for f in frames[1:]]])
@@ -164,6 +193,7 @@ class Env:
     fake_names: tuple[str, ...] = ("fz0", "fz1")  # worker-like identities of the fuzzing DEALERs (name/tag)
     block_ids: tuple[str, ...] = ("0" * 64,)
     impersonate: bool = False
+    rk_keys: tuple[str, ...] = ()  # keyed: public keys a RUN's ``rk`` names (the sink's first); empty: no rk drawn
 
     @property
     def dead_ends(self) -> list[str]:
@@ -279,6 +309,17 @@ def _model(env: Env, changeable: bool = False) -> Field:
 def _endpoint(pool: Sequence[str]) -> Field:
     return Field(st.sampled_from(list(pool)),
                  st.sampled_from(["", "tcp://h", "http://x:1", "tcp://a b:1", "ipc://", "tcp://h:123456", "t" * 300]))
+
+
+Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+
+
+def _rk(env: Env) -> Field:
+    """A requester key: mostly the sink's, else a member's, a z85 string no one holds (or not a key at all)."""
+    return Field(st.one_of(*[st.sampled_from([env.rk_keys[0]] * 6 + list(env.rk_keys))] * 5,
+                           st.text(Z85, min_size=P.KEY_Z85_CHARS, max_size=P.KEY_Z85_CHARS)),
+                 st.sampled_from(["", "a" * 39, "a" * 41, " " * 40, "\u00e9" * 40, env.rk_keys[0] + "\n"])
+                 | st.binary(min_size=32, max_size=32))
 
 
 def _plan_id(model: Any) -> Field:
@@ -493,6 +534,8 @@ def template(draw: st.DrawFn, env: Env, kind: str = "any") -> Template:
             some("cmeta", Field(st.just({}), st.dictionaries(st.text(max_size=6), WILD, min_size=1, max_size=4)), 6)
         some("att", _ATT, 4)
         some("trc", _TRACE, 4)
+        if env.rk_keys and t == Msg.RUN and not _one_in(draw, 10):  # keyed only: open draws stay as they were
+            header["rk"] = _pick(draw, _rk(env), chaos)
     elif t == Msg.ACK:
         header["hop"] = _pick(draw, _hop(env), chaos)
         some("acks", _ACKS)
@@ -540,11 +583,24 @@ def templates(env: Env, kind: str, n: int) -> st.SearchStrategy[list[Template]]:
     return st.lists(template(env, kind), min_size=n, max_size=n)
 
 # --- the cluster ---------------------------------------------------------------------------------------------------
-class FuzzCluster:
-    """A coordinator, two workers and a client on 127.0.0.1; the canary and the playground model deployed."""
+FUZZ_KEYS = {"fz0": "worker", "fz1": "worker", "fzop": "operator"}  # keyed: extra key holders of the fuzzer
+# keyed: whose keys send on each socket, one per fuzzing DEALER (SENDERS of its kind). The coordinator's worker-like
+# senders hold the keys named like their identities (Env.fake_names); "user", "w0", "w1": the cluster's own keys
+KEYED_SENDERS = {"coordinator": ("fz0", "fz1", "fzop"), "w0": ("user", "user"), "w1": ("w0", "user"),
+                 "client": ("w1", "w0")}
+KEYED_REROUTE = 0.8  # keyed: a message the drawn sender's key may not send goes from one whose key may, this often
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+
+class FuzzCluster:
+    """A coordinator, two workers and a client on 127.0.0.1; the canary and the playground model deployed.
+
+    ``keyed``: CURVE and roles on every socket (``LocalCluster`` makes the keys), plus ``FUZZ_KEYS`` listed in every
+    daemon's key directory; the client holds the operator's key.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], keyed: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.keyed = keyed
         self.lc: Any = None
         self.client: Any = None
 
@@ -559,8 +615,11 @@ class FuzzCluster:
         for name, n in ((CANARY, 3), (PLAYGROUND, 6)):
             partition(build_dummy(n_blocks=n), name, dummy_recipe(n), store, input_shape=[4], profile=False)
         self.block_ids = tuple(b.id for m in (CANARY, PLAYGROUND) for b in store.manifest(m).blocks)
-        self.lc = LocalCluster(LocalClusterConfig(workers=2, port=0, torch_threads=1), store=store.root,
-                               workdir=str(self.workdir / "cluster"))
+        self.lc = LocalCluster(LocalClusterConfig(workers=2, port=0, torch_threads=1, keyed=self.keyed),
+                               store=store.root, workdir=str(self.workdir / "cluster"))
+        if self.keyed:
+            for name, role in FUZZ_KEYS.items():
+                self.lc.add_key(name, role)
         self.lc.start(timeout_s=90)
         self.client = self.lc.client(timeout_ms=10_000)
         self.routes = {CANARY: self.client.deploy(CANARY, stages=[("w0", 0, 2), ("w1", 2, 3)]),
@@ -575,9 +634,21 @@ class FuzzCluster:
             self.lc.stop()
 
     def env(self, impersonate: bool = False) -> Env:
+        rk_keys = (self.public_key("user"), self.public_key("operator"), self.public_key("w1"),
+                   zmq_public_key()) if self.keyed else ()  # the sink holds the user's key: rk_keys[0]
         return Env(worker_endpoints=tuple(self.lc.worker_endpoint(w) for w in ("w0", "w1")),
                    coordinator=self.lc.endpoint, client_reply=self.client.reply_endpoint, sink="",
-                   block_ids=self.block_ids, impersonate=impersonate)
+                   block_ids=self.block_ids, impersonate=impersonate, rk_keys=rk_keys)
+
+    def public_key(self, holder: str) -> str:
+        """Keyed: the public key (z85) of a key holder (a daemon, ``operator``, ``user`` or one of ``FUZZ_KEYS``)."""
+        from edgesplit.runtime.security import load_keys
+
+        return load_keys(self.lc.key_dir(holder)).me.key
+
+    def server_key(self, target: str) -> str:
+        """Keyed: the public key of the socket ``target`` serves (the client's result socket: its own key)."""
+        return self.public_key({"client": "operator"}.get(target, target))
 
     def plans(self) -> dict[str, int]:
         """Each model's current plan id (a fuzzed PLAN of the playground may have changed it)."""
@@ -662,6 +733,12 @@ class SocketReport:
     answers: dict[str, int] = field(default_factory=dict)  # replies and sink messages by type (ERROR: by code)
     sink: int = 0  # results/errors the workers sent to the sink endpoint
     send_stalls: int = 0  # sends that found the socket's queue full for SEND_TIMEOUT_MS
+    # keyed: refused by a role or route check (FORBIDDEN answers; the client's socket answers nothing: the RESULTs
+    # and ERRORs it dropped as not from its request's route), messages rerouted to a sender whose key may send them,
+    # and who sent ("name (role)" per DEALER)
+    forbidden: int = 0
+    rerouted: int = 0
+    senders: list[str] = field(default_factory=list)
     crashes: list[dict[str, Any]] = field(default_factory=list)
     victims: dict[str, int] = field(default_factory=dict)  # client only: how each victim request ended
     client_log: dict[str, int] = field(default_factory=dict)  # this process's edgesplit log records by level
@@ -697,15 +774,72 @@ class _LogTally(logging.Handler):
             self.tracebacks.append(logging.Formatter().format(record))
 
 
+class _KeyHolder:
+    """A key holder of a keyed cluster, as the fuzzer: its key ring, and a zmq context of its own with its
+    :class:`Security` (a context takes one ZAP handler, so one context per holder)."""
+
+    def __init__(self, key_dir: Path, domains: dict[str, frozenset[str]] | None = None) -> None:
+        import zmq
+
+        from edgesplit.runtime.security import Security, load_keys
+
+        self.keys = load_keys(key_dir)
+        self.ctx = zmq.Context()
+        self.sec = Security(self.ctx, self.keys, domains or {})
+
+    @property
+    def label(self) -> str:
+        return f"{self.keys.me.name} ({self.keys.me.role})"
+
+    def close(self) -> None:
+        self.sec.close()
+        self.ctx.destroy(linger=0)
+
+
+def _key_may_send(target: str, holder: str, role: str, header: Any) -> bool:
+    """Keyed: whether ``target``'s role and route checks let the key of ``holder`` (of ``role``) send this message.
+    A guess from the template's header (mutations may change it; a message that does not decode meets no check)."""
+    from edgesplit.runtime.security.roles import RUNNERS, coordinator_takes
+
+    h = header if isinstance(header, dict) else {}
+    try:
+        t = Msg(h.get("t"))
+    except (ValueError, TypeError):
+        return True
+    if target == "coordinator":
+        return coordinator_takes(role, t)
+    if target == "client":  # a RESULT only from its route's last hop (w1, for both models), an ERROR from any hop
+        return t != Msg.RESULT or holder == "w1"
+    if t != Msg.RUN:
+        return True  # the data socket's HEARTBEAT (and what it refuses as not a RUN) meet no role check
+    hop = h.get("hop")
+    if type(hop) is int and hop == 0:
+        return role in RUNNERS
+    return target == "w1" and hop == 1 and holder == "w0"  # hop 1 (hosted on w1) from the plan's previous hop
+
+
 class Fuzzer:
-    """Sends generated messages to one socket of a :class:`FuzzCluster` and watches the cluster."""
+    """Sends generated messages to one socket of a :class:`FuzzCluster` and watches the cluster.
+
+    Keyed (the cluster is): each fuzzing DEALER holds a key (``KEYED_SENDERS``) and speaks CURVE to the target; the
+    sink is a CURVE result socket holding the user's key (the ``rk`` of what the user's key runs), open to workers.
+    """
 
     def __init__(self, fc: FuzzCluster, impersonate: bool = False) -> None:
         import zmq
 
         self.fc, self.zmq = fc, zmq
         self.ctx = zmq.Context()
-        self.sink = self.ctx.socket(zmq.ROUTER)
+        self.keyed = fc.keyed
+        self.holders: dict[str, _KeyHolder] = {}
+        if self.keyed:
+            from edgesplit.runtime.security.roles import CONNECT, RESULTS
+
+            user = self._holder("user", {RESULTS: CONNECT[RESULTS]})
+            self.sink = user.ctx.socket(zmq.ROUTER)
+            user.sec.serve(self.sink, RESULTS)
+        else:
+            self.sink = self.ctx.socket(zmq.ROUTER)
         self.sink.setsockopt(zmq.LINGER, 0)
         self.sink.setsockopt(zmq.RCVHWM, 100_000)
         self.env = fc.env(impersonate)
@@ -721,17 +855,28 @@ class Fuzzer:
         lg.removeHandler(self.log)
         lg.propagate = self._propagate
         self.ctx.destroy(linger=0)
+        for h in self.holders.values():
+            h.close()
+        self.holders.clear()
 
-    def _dealers(self, endpoint: str, kind: str) -> list[Any]:
+    def _holder(self, name: str, domains: dict[str, frozenset[str]] | None = None) -> _KeyHolder:
+        if name not in self.holders:
+            self.holders[name] = _KeyHolder(self.fc.lc.key_dir(name), domains)
+        return self.holders[name]
+
+    def _dealers(self, endpoint: str, kind: str, target: str = "") -> list[Any]:
         zmq = self.zmq
         socks = []
         for i in range(SENDERS[kind]):
-            s = self.ctx.socket(zmq.DEALER)
+            holder = self._holder(KEYED_SENDERS[target][i]) if self.keyed else None
+            s = (holder.ctx if holder is not None else self.ctx).socket(zmq.DEALER)
             ident = f"{self.env.fake_names[i]}/{self.tag}" if kind == "coordinator" and i < 2 else f"c-fz{i}-{self.tag}"
             s.setsockopt(zmq.IDENTITY, ident.encode())
             for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
                            (zmq.SNDTIMEO, SEND_TIMEOUT_MS)):
                 s.setsockopt(opt, v)
+            if holder is not None:
+                holder.sec.dial(s, self.fc.server_key(target))
             s.connect(endpoint)
             socks.append(s)
         return socks
@@ -783,8 +928,12 @@ class Fuzzer:
         kind = "coordinator" if target == "coordinator" else "client" if target == "client" else "worker"
         endpoint = {"coordinator": fc.lc.endpoint, "client": fc.client.reply_endpoint}.get(target) or \
             fc.lc.worker_endpoint(target)
-        socks = self._dealers(endpoint, kind)
+        socks = self._dealers(endpoint, kind, target)
         report = SocketReport(target)
+        senders = [self.holders[h] for h in KEYED_SENDERS[target]] if self.keyed else []
+        report.senders = [h.label for h in senders]
+        reroute = random.Random(rng_seed)
+        forged = fc.client.forged
         plans = fc.plans()
         victims: list[Any] = []
         live: list[bytes] = []
@@ -825,13 +974,21 @@ class Fuzzer:
             rendered = []
             for tpl in batch_msgs:
                 frames = tpl.frames(resolve)
-                rendered.append(frames)
+                sender = tpl.sender
+                if senders and not _key_may_send(target, senders[sender].keys.me.name, senders[sender].keys.me.role,
+                                                 tpl.header):
+                    fit = [i for i, h in enumerate(senders) if _key_may_send(target, h.keys.me.name, h.keys.me.role,
+                                                                             tpl.header)]
+                    if fit and reroute.random() < KEYED_REROUTE:
+                        sender = reroute.choice(fit)
+                        report.rerouted += 1
+                rendered.append((sender, frames))
                 if kind == "client":
                     rid = P.salvage_rid(frames)
                     if rid in live:
-                        named.setdefault(rid, []).append(describe(frames))
+                        named.setdefault(rid, []).append(self._describe(senders, sender, frames))
                 try:
-                    socks[tpl.sender].send_multipart(frames, copy=True)
+                    socks[sender].send_multipart(frames, copy=True)
                 except self.zmq.Again:
                     report.send_stalls += 1
                 report.sent += 1
@@ -856,7 +1013,7 @@ class Fuzzer:
                     problem = "traceback in the log of " + ", ".join(tbs)
             if problem is not None:
                 report.crashes.append({"after_sent": report.sent, "problem": problem,
-                                       "batch": [describe(f) for f in rendered],
+                                       "batch": [self._describe(senders, i, f) for i, f in rendered],
                                        "logs": {k: fc.lc.log_tail(k, 4000) for k in ("coordinator", "w0", "w1")},
                                        "tracebacks": fc.tracebacks(logs)})
                 state["stop"] = True
@@ -896,6 +1053,9 @@ class Fuzzer:
         report.client_log = dict(self.log.counts)
         report.daemon_errors = fc.log_errors(logs)
         self._drain(socks, set(), report)
+        report.forbidden = sum(v for k, v in report.answers.items() if k.endswith(" FORBIDDEN"))
+        if target == "client":
+            report.forbidden += fc.client.forged - forged
         if not report.crashes:
             problem = fc.canary()
             dead = fc.dead()
@@ -910,6 +1070,12 @@ class Fuzzer:
         for s in socks:
             s.close(0)
         return report
+
+
+    @staticmethod
+    def _describe(senders: list[_KeyHolder], i: int, frames: Sequence[bytes | memoryview]) -> str:
+        """A message as sent, with its sender's key when keyed (to reproduce it, send it as that key holder)."""
+        return f"from {senders[i].label}: {describe(frames)}" if senders else describe(frames)
 
 
 def _count_answer(counts: dict[str, int], frames: list[bytes], prefix: str = "") -> None:
@@ -947,10 +1113,17 @@ def _mib(b: int) -> str:
 
 
 def print_table(reports: list[SocketReport]) -> None:
-    print(f"\n{'socket':12} {'sent':>7} {'replies':>8} {'sink':>6} {'stalls':>6} {'crashes':>7} {'seconds':>8}")
+    print(f"\n{'socket':12} {'sent':>7} {'replies':>8} {'sink':>6} {'stalls':>6} {'forbidden':>9} {'rerouted':>8} "
+          f"{'crashes':>7} {'seconds':>8}")
     for r in reports:
-        print(f"{r.socket:12} {r.sent:7d} {r.replies:8d} {r.sink:6d} {r.send_stalls:6d} {len(r.crashes):7d} "
-              f"{r.seconds:8.1f}")
+        print(f"{r.socket:12} {r.sent:7d} {r.replies:8d} {r.sink:6d} {r.send_stalls:6d} {r.forbidden:9d} "
+              f"{r.rerouted:8d} {len(r.crashes):7d} {r.seconds:8.1f}")
+    if any(r.senders for r in reports):
+        print("(keyed: forbidden = refused by a role or route check: FORBIDDEN answers, and on the client RESULTs and "
+              "ERRORs it dropped as not from the request's route; rerouted = sent from another key than drawn, one "
+              "that may send it)")
+        for r in reports:
+            print(f"{r.socket} senders: {', '.join(r.senders)}")
     print("\nRSS MiB per process while fuzzing each socket (start = before its first message, before = after the "
           "warm-up, max = largest sample)")
     print(f"{'socket':12} {'process':12} {'start':>7} {'before':>7} {'after':>7} {'max':>7} {'growth':>7}")
@@ -988,16 +1161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
     ap.add_argument("--impersonate", action="store_true",
                     help="let messages use the members' names and endpoints and change the canary's plan")
-    ap.add_argument("--out", type=Path, default=OUT / "fuzz.json")
+    ap.add_argument("--keyed", action="store_true",
+                    help="a keyed cluster (CURVE, ZAP, roles), fuzzed by key holders whose role reaches the handlers")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/fuzz.json (fuzz_keyed.json)")
     args = ap.parse_args(argv)
+    args.out = args.out or OUT / ("fuzz_keyed.json" if args.keyed else "fuzz.json")
     t0 = time.monotonic()
     reports: list[SocketReport] = []
     with tempfile.TemporaryDirectory(prefix="edgesplit-fuzz-") as tmp:
-        fc = FuzzCluster(tmp).start()
+        fc = FuzzCluster(tmp, keyed=args.keyed).start()
         fz = Fuzzer(fc, args.impersonate)
         try:
-            print(f"cluster up in {time.monotonic() - t0:.1f} s; fuzzing {args.sockets}, {args.n} messages each",
-                  flush=True)
+            print(f"{'keyed' if args.keyed else 'open'} cluster up in {time.monotonic() - t0:.1f} s; fuzzing "
+                  f"{args.sockets}, {args.n} messages each", flush=True)
             for target in args.sockets:
                 def progress(r: SocketReport, every: int = max(args.batch, args.n // 10 // args.batch * args.batch)):
                     if r.sent % every == 0:

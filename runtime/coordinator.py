@@ -465,8 +465,13 @@ class Coordinator:
         tel["queue"] = body.get("queue", 0)
         tel.update({f"count_{k}": v for k, v in P.body_get(body, "counters", dict, {}).items() if isinstance(k, str)})
         rec.info.telemetry = {k: v for k, v in tel.items() if isinstance(k, str) and P.is_finite_number(v)}
-        rec.stats = P.body_get(body, "stats", list, [])
-        rec.cache = P.body_get(body, "cache", dict, {})
+        # what a worker reports is kept only in the shape it is used (found by fuzzing: a string where the load
+        # rate goes once stopped the coordinator at its next admission window)
+        rec.stats = [r for r in P.body_get(body, "stats", list, [])[:P.MAX_REPORTED_ROWS]
+                     if isinstance(r, list) and len(r) == 6 and isinstance(r[0], str) and isinstance(r[1], int)
+                     and all(P.is_finite_number(v) for v in r[2:])]
+        rec.cache = {k: v for k, v in list(P.body_get(body, "cache", dict, {}).items())[:P.MAX_REPORTED_ROWS]
+                     if isinstance(k, str) and P.is_finite_number(v)}
         rec.resident = [r for r in P.body_get(body, "resident", list, []) if isinstance(r, list) and len(r) == 2]
 
     def _on_deployed(self, ident: bytes, msg: P.Message) -> None:
@@ -883,7 +888,7 @@ class Coordinator:
                     except (RuntimeFailure, EdgesplitError):
                         pass
             resident[name] = frozenset(ids)
-            rates[name] = float(rec.cache.get("load_bytes_per_s", 0.0) or 0.0)
+            rates[name] = float(rec.cache.get("load_bytes_per_s", 0.0))
         try:
             admitted, refused = self.admission.decide(now, hosted, resident, rates)
         except (ScheduleError, ValueError, ArithmeticError) as e:  # a bug or a state we did not foresee: say so

@@ -92,6 +92,7 @@ MAX_BUDGET_MS = 24 * 3600 * 1000
 # --- queues and transfers --------------------------------------------------------------------
 DATA_HWM_MSGS = 8  # activations per socket queue: a slow peer causes back-pressure, not RSS growth
 CONTROL_HWM_MSGS = 256  # control messages are small
+MAX_REPORTED_ROWS = 4096  # statistics rows / cache counters kept from one worker report
 CONTROL_RATE_PER_S = 5000.0  # control messages one peer may send per second (a client's ADMIT and DONE per request)
 CHUNK_BYTES = 1024 * 1024  # block transfer chunk: never one message that starves heartbeats
 FETCH_CREDIT = 4  # chunks a worker may have requested and not yet received

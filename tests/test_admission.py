@@ -309,6 +309,28 @@ def test_a_reused_request_id_fails_only_its_sender(live, n):
         ctx.term()
 
 
+def test_a_worker_report_of_the_wrong_shape_does_not_stop_admission(live):
+    """Found by fuzzing: a HEARTBEAT whose cache load rate was a string stopped the coordinator at the next window."""
+    lc, cl = live
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"oddworker/1")
+    sock.connect(lc.endpoint)
+    sock.RCVTIMEO = 5000
+    try:
+        sock.send_multipart(P.encode(Msg.READY, P.new_rid(), 3000, {"body": {
+            "name": "oddworker", "endpoint": "tcp://127.0.0.1:9", "device": "cpu", "memory_budget_bytes": 1 << 20}}))
+        assert P.decode(sock.recv_multipart()).type == Msg.HEARTBEAT
+        sock.send_multipart(P.encode(Msg.HEARTBEAT, P.new_rid(), 3000, {"body": {
+            "cache": {"load_bytes_per_s": "fast", "x": [1]}, "stats": [["dummy3", 0, "n", None, 1, 0], "row"]}}))
+        time.sleep(0.1)
+        assert _outcome(cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="after-odd")) == "ok"
+        assert lc.alive()["coordinator"]
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
 def test_a_client_that_leaves_mid_stream_holds_nobody_back(live):
     lc, cl = live
     gone = lc.client()

@@ -12,7 +12,11 @@ same code at 10,000 per socket for the figure.
 - the daemons: a real coordinator and two workers (plus a client in this process) get generated
   messages from plain DEALERs on their sockets. Every daemon must stay alive and answer a probe
   after every batch, log no Python traceback, serve the canary request with its very first
-  output, and grow its RSS by less than ``RSS_GROWTH_MIB`` after a warm-up.
+  output, and grow its RSS by less than ``RSS_GROWTH_MIB`` after a warm-up. Twice: an open cluster,
+  and a keyed one (CURVE, roles checked per message) fuzzed by authenticated insiders whose keys
+  get past the role checks (``fuzz.KEYED_SENDERS``: extra worker and operator keys on the
+  coordinator, the user's key on w0, w0's own key on w1, w1's and w0's on the client's result
+  socket), at ``EDGESPLIT_FUZZ_KEYED_N`` messages per socket (default ``N``).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ def _load_bench(name: str) -> types.ModuleType:
 fuzz = _load_bench("fuzz")
 
 N = int(os.environ.get("EDGESPLIT_FUZZ_N", "500"))  # messages per socket (the acceptance figure: 10,000)
+KEYED_N = int(os.environ.get("EDGESPLIT_FUZZ_KEYED_N", str(N)))  # the same, for the keyed cluster
 DECODE_EXAMPLES = max(100, N // 2)  # hypothesis examples of 10 messages each for the decoder alone
 DECODE_MAX_S = 0.25  # "quickly": a decode is microseconds; this only catches an algorithmic blow-up
 WARMUP = min(100, N // 3)  # messages before the RSS baseline: first-time allocations are not growth
@@ -64,7 +69,7 @@ SOCKETS = ["w0", "w1", "client", "coordinator"]  # the coordinator last: its fuz
 
 
 # --- the decoder ---------------------------------------------------------------------------------------------------
-_ENV = fuzz.Env()
+_ENV = fuzz.Env(rk_keys=(fuzz.zmq_public_key(), fuzz.zmq_public_key()))  # with rk: as the keyed fuzz sends
 
 
 def _resolve(ref: "fuzz.Ref") -> object:
@@ -130,11 +135,12 @@ def test_blobs_decode_or_raise_protocol_error(data: bytes) -> None:
 
 
 # --- the daemons ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fuzz_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    """One cluster for the four sockets (a start costs seconds); the coordinator's fuzz runs last."""
+@pytest.fixture(scope="module", params=["open", "keyed"])
+def fuzz_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """One cluster for the four sockets (a start costs seconds); the coordinator's fuzz runs last. Open, then
+    keyed (the keyed one fuzzed by key holders whose roles reach the handlers)."""
     torch.set_num_threads(1)
-    fc = fuzz.FuzzCluster(tmp_path_factory.mktemp("fuzz")).start()
+    fc = fuzz.FuzzCluster(tmp_path_factory.mktemp("fuzz"), keyed=request.param == "keyed").start()
     fz = fuzz.Fuzzer(fc)
     try:
         yield fc, fz
@@ -148,9 +154,10 @@ def fuzz_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
 def test_daemon_socket_survives_generated_messages(fuzz_cluster: tuple, target: str) -> None:
     """No crash, no hang, the canary's output unchanged, bounded RSS: after ``N`` generated messages."""
     fc, fz = fuzz_cluster
-    report = fz.run(target, N, batch=10, warmup=WARMUP, canary_every=5)
+    n = KEYED_N if fc.keyed else N
+    report = fz.run(target, n, batch=10, warmup=min(WARMUP, n // 3), canary_every=5)
     fuzz.print_table([report])
-    assert report.sent >= N
+    assert report.sent >= n
     for crash in report.crashes:
         batch = "\n".join(crash.get("batch", []))[:6000]
         logs = "\n".join(f"--- {k} ---\n{v}" for k, v in (crash.get("tracebacks") or crash.get("logs", {})).items())
@@ -161,3 +168,14 @@ def test_daemon_socket_survives_generated_messages(fuzz_cluster: tuple, target: 
     # the client lives in this process: its row (checked when it is the target) is pytest's RSS, hypothesis included
     grew = {k: v / fuzz.MIB for k, v in report.growth().items() if k != "client" or target == "client"}
     assert all(g < RSS_GROWTH_MIB for g in grew.values()), f"RSS grew (MiB) {grew}; bound {RSS_GROWTH_MIB} MiB"
+    if fc.keyed:  # the keys got past the handshakes and the role checks, into the handlers: what only they get
+        a = report.answers
+        reached = {"w0": a.get("sink RESULT", 0),  # hop 0 from the user's key, computed to the end, to the sink's key
+                   "w1": a.get("sink RESULT", 0),  # hop 1 from w0's key (the plan's previous hop)
+                   "client": report.victims.get("fuzzed result", 0),  # a generated RESULT from w1's key, taken
+                   # READYs from the fuzz worker keys answered, and the operator's WORKERS or MODELS
+                   "coordinator": min(a.get("HEARTBEAT", 0), a.get("WORKERS", 0) + a.get("MODELS", 0))}[target]
+        assert reached > 0, f"{target}: nothing got past the role checks ({report.senders}): {a}, {report.victims}"
+        assert report.forbidden < report.sent / 2, f"{report.forbidden} of {report.sent} refused by role checks"
+    else:
+        assert report.forbidden == 0  # an open cluster checks no roles
