@@ -239,13 +239,16 @@ def test_overload_refuses_some_and_never_hands_out_late_results_as_on_time(live)
             for i in range(40)]
     outcomes = [_outcome(f) for f in futs]
     assert "refused" in outcomes and outcomes.count("refused") < 40, outcomes
+    # a plan ends in time when made; a server reported behind it (DONE lag, e.g. on a loaded CI machine) moves
+    # its held work later, and the release then carries the moved plan (the result may come late: DeadlineMissed)
+    lagged = cl.coordinator()["admission"]["lagged"]
     for f, o in zip(futs, outcomes):
         if o == "ok":
             assert f.info.latency_ms <= 400 + 1.0 and f.info.late_ms == 0
         if o == "late":
             assert f.info.late_ms > 0
         if o != "refused":
-            assert f.info.plan["end_ms"] <= 400
+            assert f.info.plan["end_ms"] <= 400 or lagged, (f.info.plan, lagged)
     vit_ok = sum(1 for i, o in enumerate(outcomes) if i % 2 and o != "refused")
     assert vit_ok <= 400 / 30 + 1, outcomes  # w0 runs one at a time: no more than the window holds
 

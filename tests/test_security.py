@@ -149,7 +149,7 @@ def test_strangers_get_no_answer_and_change_nothing(keyed, model_store):
     _valid_request(lc, model_store)
 
 
-def test_users_cannot_register_fetch_or_deploy(keyed, model_store):
+def test_users_cannot_register_fetch_deploy_or_read_the_registry(keyed, model_store):
     lc, ctl, _ = keyed
     before = _state(lc, ctl)
     user = Peer(lc.endpoint, _keys(lc, "user"), _coordinator_key(lc), ident=b"w0/cafe")
@@ -162,7 +162,8 @@ def test_users_cannot_register_fetch_or_deploy(keyed, model_store):
                 P.encode(Msg.PLAN, P.new_rid(), 3000, {"body": {"model": MODEL, "n_stages": 1}}),
                 P.encode(Msg.UNDEPLOY, P.new_rid(), 3000, {"body": {"model": MODEL}}),
                 P.encode(Msg.LINK, P.new_rid(), 3000, {"body": {"model": MODEL, "cut": 0, "link": {}}}),
-                P.encode(Msg.PREFETCH, P.new_rid(), 3000, {"body": {"model": MODEL}})):
+                P.encode(Msg.PREFETCH, P.new_rid(), 3000, {"body": {"model": MODEL}}),
+                P.encode(Msg.WORKERS, P.new_rid(), 3000), P.encode(Msg.MODELS, P.new_rid(), 3000)):
             reply = user.ask(frames)
             assert reply is not None and reply.type == Msg.ERROR and reply.get("err")[0] == Err.FORBIDDEN, reply
             _learns_nothing(lc, reply)
@@ -350,7 +351,7 @@ def test_refusing_to_bind_open_beyond_loopback(tmp_path):
 def test_the_coordinator_counts_what_it_refused(keyed):
     lc, ctl, _ = keyed
     refused = ctl.coordinator()["refused"]
-    assert refused.get("role", 0) >= 7 and refused.get("plan_id", 0) >= 2 and refused["handshakes"] >= 1, refused
+    assert refused.get("role", 0) >= 9 and refused.get("plan_id", 0) >= 2 and refused["handshakes"] >= 1, refused
 
 
 def test_a_worker_refuses_to_bind_open_beyond_loopback(tmp_path):
