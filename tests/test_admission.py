@@ -9,6 +9,7 @@ as if on time, never silence, also when a client leaves mid-stream or sends garb
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import time
 
@@ -253,15 +254,27 @@ def test_overload_refuses_some_and_never_hands_out_late_results_as_on_time(live)
     assert vit_ok <= 400 / 30 + 1, outcomes  # w0 runs one at a time: no more than the window holds
 
 
+@contextlib.contextmanager
+def _raw(lc, ident: bytes | None = None):
+    """A plain DEALER to the coordinator, as a misbehaving client or worker would have (5 s receive timeout)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    if ident is not None:
+        sock.setsockopt(zmq.IDENTITY, ident)
+    sock.connect(lc.endpoint)
+    sock.RCVTIMEO = 5000
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
 def test_unknown_model_and_bad_admit_get_clear_errors_and_the_coordinator_serves_on(live):
     lc, cl = live
     with pytest.raises(UnknownModel):
         cl.submit("no_such_model", torch.zeros(1, 4), deadline_ms=100).result(timeout=10)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(lc.endpoint)
-    sock.RCVTIMEO = 5000
-    try:
+    with _raw(lc) as sock:
         bad = [{"mdl": "dummy3", "body": {"user": "x"}},  # no deadline
                {"mdl": "dummy3", "body": {"deadline_ms": -5, "bytes": 10}},
                {"mdl": "dummy3", "body": {"deadline_ms": float("nan")}},
@@ -274,9 +287,6 @@ def test_unknown_model_and_bad_admit_get_clear_errors_and_the_coordinator_serves
             assert reply.rid == rid and reply.type == Msg.ERROR, fields
             code, reason = reply.get("err")
             assert code == Err.BAD_MESSAGE and reason, (fields, reason)
-    finally:
-        sock.close(linger=0)
-        ctx.term()
     assert _outcome(cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="after")) == "ok"
 
 
@@ -285,11 +295,7 @@ def test_a_reused_request_id_fails_only_its_sender(live, n):
     """Found by fuzzing: an ADMIT reusing the id of an admitted, held request made the window's plan raise, and
     every ask of that window (other clients' too) got an INTERNAL error (or, beyond 64 held, was admitted twice)."""
     lc, cl = live
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(lc.endpoint)
-    sock.RCVTIMEO = 5000
-    try:
+    with _raw(lc) as sock:
         rids = [P.new_rid() for _ in range(n)]
         for rid in rids:  # one window: released one slot after another, the last ones held a while
             sock.send_multipart(P.encode(Msg.ADMIT, rid, 1000, {"mdl": "dummy3",
@@ -307,20 +313,12 @@ def test_a_reused_request_id_fails_only_its_sender(live, n):
         assert reply.rid == rids[-1] and reply.type == Msg.ERROR, reply
         assert reply.get("err")[0] == Err.DEADLINE_UNMEETABLE and "unique" in reply.get("err")[1], reply
         assert _outcome(other) == "ok"
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def test_a_worker_report_of_the_wrong_shape_does_not_stop_admission(live):
     """Found by fuzzing: a HEARTBEAT whose cache load rate was a string stopped the coordinator at the next window."""
     lc, cl = live
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, b"oddworker/1")
-    sock.connect(lc.endpoint)
-    sock.RCVTIMEO = 5000
-    try:
+    with _raw(lc, b"oddworker/1") as sock:
         sock.send_multipart(P.encode(Msg.READY, P.new_rid(), 3000, {"body": {
             "name": "oddworker", "endpoint": "tcp://127.0.0.1:9", "device": "cpu", "memory_budget_bytes": 1 << 20}}))
         assert P.decode(sock.recv_multipart()).type == Msg.HEARTBEAT
@@ -329,9 +327,6 @@ def test_a_worker_report_of_the_wrong_shape_does_not_stop_admission(live):
         time.sleep(0.1)
         assert _outcome(cl.submit("dummy3", torch.zeros(1, 4), deadline_ms=5_000, user="after-odd")) == "ok"
         assert lc.alive()["coordinator"]
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def test_a_client_that_leaves_mid_stream_holds_nobody_back(live):
