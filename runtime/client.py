@@ -48,8 +48,8 @@ import zmq
 
 from . import protocol as P
 from .config import from_mapping, opt
-from .errors import (ConfigError, DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure, UnknownModel,
-                     WorkerLost)
+from .errors import (ConfigError, DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
+                     UnknownModel, WorkerLost)
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink

@@ -28,10 +28,11 @@ coordinator keeps the cluster matching it without anybody calling deploy again:
 Keyed (``--keys DIR``), every connection is CURVE and the ZAP handler admits only listed
 keys; each message is then checked against its sender's role (``security.roles``): only
 workers register, heartbeat and fetch blocks, only operators deploy, undeploy and change
-links, users ask routes and admission. A worker name stays bound to the key that
-registered it while it lives, stages workers report count only under plan ids this
-coordinator issued, and routes and DEPLOY orders carry each worker's key, so clients and
-workers speak CURVE to exactly the workers the plan names.
+links and read the registry, users ask routes and admission. A worker name belongs to
+the key that first registered it (kept across restarts) and an endpoint to the worker
+planned there; a reported stage counts for routes only where a plan of this coordinator
+put it; routes and DEPLOY orders carry each worker's key, so clients and workers speak
+CURVE to exactly the workers the plan names.
 
 A ROUTE asked while the model's route is broken and a deploy of it is under way is
 answered when that deploy ends (or at the question's deadline), so clients replaying
@@ -56,7 +57,8 @@ from edgesplit.scheduling import ScheduleError
 
 from . import admission, protocol as P
 from .config import human_size, opt
-from .errors import ConfigError, DeployError, Forbidden, NotDeployed, Overloaded, ProtocolError, RuntimeFailure, UnknownModel
+from .errors import (ConfigError, DeployError, Forbidden, NotDeployed, Overloaded, ProtocolError, RuntimeFailure,
+                     UnknownModel)
 from .links import LinkSpec
 from .liveness import PeerTable
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
