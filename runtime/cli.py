@@ -7,6 +7,7 @@
     edgesplit up --workers 4 --replicas 2            # 2 stages, each on 2 workers (a loss costs no request)
     edgesplit infer --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --input x.npy
     edgesplit link --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --cut 0 --budget 8
+    edgesplit plan vit_tiny_patch16_224 --coordinator tcp://127.0.0.1:5555 --deploy   # measured placement
 
     # three boards: one coordinator, one worker per board, keyed (see README "Security")
     edgesplit keygen --role coordinator --out keys && edgesplit keygen --role worker --name board1 --out keys
@@ -399,6 +400,8 @@ def commands() -> dict[str, tuple[str, Adder, Runner]]:
         "infer": ("send one input (.npy or image) through a deployed model", _add_infer, _run_infer),
         "workers": ("list the workers and models a coordinator knows", _add_workers, _run_workers),
         "link": ("change a deployed link's budget, wire dtype or rate live (no redeploy)", _add_link, _run_link),
+        "plan": ("measure the workers and links, plan the split (stages, workers, codecs); --deploy to apply it",
+                 *_delegate("edgesplit.runtime.cli_plan", "add_arguments", "run")),
         "keygen": ("make a CURVE key pair for a coordinator, worker, operator or user (keyed clusters)", _add_keygen,
                    _run_keygen),
     }

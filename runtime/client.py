@@ -37,6 +37,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -46,13 +47,17 @@ from typing import Any, Sequence
 import torch
 import zmq
 
+from edgesplit.scheduling.placement import Placement, plan_placement
+
 from . import protocol as P
 from .config import from_mapping, opt
-from .errors import (ConfigError, DeadlineMissed, Overloaded, ProtocolError, RequestTimeout, RuntimeFailure,
-                     UnknownModel, WorkerLost)
+from .errors import (ConfigError, DeadlineMissed, DeployError, Overloaded, ProtocolError, RequestTimeout,
+                     RuntimeFailure, UnknownModel, WorkerLost)
 from .links import LinkSpec, decode_link
 from .protocol import Err, Msg
 from .liveness import CoordinatorLink
+from .placement import Measurements, deploy_args
+from .probe import probe_link
 from .security import InsecureNag, Security, check_exposure, is_loopback, load_keys
 from .security.roles import CONNECT, RESULTS
 from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, drain, local_address_towards, router,
@@ -60,6 +65,7 @@ from .transport import (PeerLinks, SocketOptions, Waker, advertised, dealer, dra
 from .types import Route, RouteHop, WorkerInfo
 
 log = logging.getLogger("edgesplit.client")
+MEASURE_TIMEOUT_MS = 300_000  # profiling every block on slow boards, then probing every link, takes a while
 NOT_DEPLOYED_RETRY_S = 0.05  # first replay after a worker's NOT_DEPLOYED; doubles per attempt
 OVERLOADED_RETRY_S = 0.01  # a first-stage worker that said OVERLOADED is tried again after this, doubling to 0.5 s
 
@@ -175,6 +181,7 @@ class Client:
         self._waker = Waker()
         self._closed = threading.Event()
         self.routes: dict[str, Route] = {}
+        self.placements: dict[str, Placement] = {}  # planned deploys: the placement with its predictions
         self.forged = 0  # results and errors refused: not from a worker of the request's route (keyed)
         self._thread = threading.Thread(target=self._io_loop, name="client-io", daemon=True)
         self._thread.start()
@@ -258,11 +265,16 @@ class Client:
                replicas: int = 1, load: bool = True) -> Route:
         """Deploy a layer-wise plan and wait until every worker has loaded its stages.
 
+        With none of ``workers``, ``n_stages``, ``splits``, ``stages`` (and one replica), the plan
+        is the planner's (:meth:`plan`: measured on the workers, for throughput); the placement
+        is kept in ``placements[model]``.
+
         Args:
             model: model name in the coordinator's store.
             workers: worker names to use, in stage order (default: every live worker, by name).
             n_stages: number of stages (default: one per worker; more than workers = round robin).
-            splits: block indices where a stage starts (default: balance the profiled block times).
+            splits: block indices where a stage starts (default: the splits stored at partition time
+                when their count fits, else balance the manifest's profiled block times).
             stages: an explicit plan ``[(worker, start, end), ...]`` instead of the three above.
             links: per cut (stages - 1 entries), its codec ``{"codec", "budget", "wire_dtype"}`` (default
                 raw); ``codec`` names a trained codec in the manifest's ``extra["codecs"]`` or a kind of
@@ -278,6 +290,13 @@ class Client:
             DeployError: e.g. the stages on some worker exceed its memory budget (refused before
                 anything is fetched; the message gives the bytes needed and the budget).
         """
+        if stages is None and workers is None and n_stages is None and splits is None and replicas == 1:
+            placement = self.plan(model)  # measured: the planner picks stages, workers, order and codecs
+            stages, planned_links = deploy_args(placement)
+            links = planned_links if links is None else links
+            self.placements[model] = placement
+        else:
+            self.placements.pop(model, None)
         body: dict[str, Any] = {"model": model}
         if replicas != 1:
             body["replicas"] = int(replicas)
@@ -300,6 +319,52 @@ class Client:
                                     loaded=_per_worker(msg.body.get("loaded")))
         self.routes[model] = route
         return route
+
+    def measure(self, model: str, workers: Sequence[str] | None = None, batches: Sequence[int] = (1,),
+                reps: int = 10, probe_s: float = 0.5, refresh: bool = False,
+                timeout_ms: int | None = None) -> Measurements:
+        """Profile ``model``'s blocks on each worker's own device and measure the links a plan may use.
+
+        Each worker times every block (random weights, warm, ``reps`` runs, median) at each of
+        ``batches`` (cached on the worker per model, device and settings unless ``refresh``)
+        and probes its link to every other listed worker for ``probe_s`` seconds; workers on
+        one host take turns. This client then probes its own link to each worker.
+        """
+        body: dict[str, Any] = {"model": model, "batches": [int(b) for b in batches], "reps": int(reps),
+                                "probe_s": float(probe_s), "refresh": bool(refresh)}
+        if workers is not None:
+            body["workers"] = list(workers)
+        msg = self._call(Msg.MEASURE, {"body": body}, timeout_ms=timeout_ms or MEASURE_TIMEOUT_MS,
+                         what=f"measuring {model}")
+        m = Measurements.from_msg(P.unpack_blob(msg.blob(0)) if msg.specs else None)
+        if not m.workers:
+            raise DeployError(f"no worker measured {model}: " + "; ".join(f"{w}: {e}" for w, e in m.errors.items()))
+        endpoints = P.unpack_blob(msg.blob(0)).get("endpoints", {})
+        for name in m.workers:
+            endpoint, key = endpoints[name]
+            try:
+                r = probe_link(self.ctx, endpoint, probe_s, self.sec if self.sec.keyed else None, key or None)
+                m.client_links[name] = (r.rate_bps if math.isfinite(r.rate_bps) else 0.0, r.rtt_ms)
+            except (RuntimeFailure, ProtocolError, zmq.ZMQError) as e:
+                m.client_links[name] = (-1.0, -1.0)
+                m.errors[f"client->{name}"] = str(e)
+        return m
+
+    def plan(self, model: str, objective: str = "throughput", workers: Sequence[str] | None = None,
+             batch: int = 1, max_accuracy_cost: float = 0.0, measurements: Measurements | None = None,
+             **measure: Any) -> Placement:
+        """The planner's placement of ``model``: stages, workers, their order and codecs, with predicted times.
+
+        Args:
+            objective: "throughput" (smallest bottleneck) or "latency" (smallest sum).
+            workers: the workers it may use (default: every live worker).
+            batch: samples per message the plan is for.
+            max_accuracy_cost: accuracy points the chosen codecs may cost together.
+            measurements: reuse these instead of measuring (e.g. to plan both objectives).
+            measure: options of :meth:`measure` (``reps``, ``probe_s``, ``refresh``).
+        """
+        m = measurements or self.measure(model, workers, batches=(batch,), **measure)
+        return plan_placement(m.problem(batch, max_accuracy_cost, workers), objective)
 
     def undeploy(self, model: str, timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
         """Release a model everywhere: its plan is forgotten and every worker frees its blocks.

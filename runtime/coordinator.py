@@ -61,6 +61,7 @@ from .errors import (ConfigError, DeployError, Forbidden, NotDeployed, Overloade
                      UnknownModel)
 from .links import LinkSpec
 from .liveness import PeerTable
+from .measuring import MeasureOrder, new_order
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
 from .plans import PLANS_DIR, WORKER_KEYS_FILE, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
@@ -198,6 +199,7 @@ class Coordinator:
         self.plans: dict[bytes, _PendingPlan] = {}  # DEPLOY rid -> orders out
         self.link_orders: dict[bytes, _LinkOrder] = {}
         self.prefetches: dict[bytes, _PrefetchOrder] = {}
+        self.measures: dict[bytes, MeasureOrder] = {}  # a client's MEASURE rid -> the order
         self.undeployed: set[str] = self.plan_store.undeployed()  # a worker back with one of these drops it
         self.lost: dict[tuple[str, int], list[str]] = {}  # (model, plan) -> workers lost while hosting it
         self.route_waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # model -> [(client, rid, deadline)]
@@ -290,6 +292,11 @@ class Coordinator:
                 del self.prefetches[rid]
                 self._reply(pre.client, P.encode_error(rid, Err.TIMEOUT, f"worker(s) {sorted(pre.waiting)} did not "
                                                                         f"finish loading {pre.model} in time"))
+        for order in list(self.measures.values()):
+            if now > order.deadline:
+                for name in sorted(set(order.running.values()) | {w for q in order.queues.values() for w in q}):
+                    order.drop(name, "did not finish measuring in time")
+                self._advance_measure(order)
         for rid, plan in list(self.plans.items()):
             if now > plan.deadline:
                 self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
@@ -502,6 +509,10 @@ class Coordinator:
         rec = self._known_worker(ident, msg)
         if rec is None:
             return
+        for measure in list(self.measures.values()):
+            if measure.finish(msg.rid, None, str(msg.get("err")[1])):
+                self._advance_measure(measure)
+                return
         order = self.link_orders.pop(msg.rid, None) or self.prefetches.pop(msg.rid, None)
         if order is not None:
             self._reply(order.client, P.encode(Msg.ERROR, msg.rid, 0, {"err": msg.get("err")}))
@@ -552,6 +563,9 @@ class Coordinator:
             if name in plan.waiting:
                 self._fail_plan(rid, Err.WORKER_LOST, f"worker {name} was lost while loading {plan.model}")
         self._end_prefetches(name, "was lost")
+        for measure in list(self.measures.values()):
+            measure.drop(name, "was lost")
+            self._advance_measure(measure)
         self.admission.forget([name], time.monotonic())  # what its server held goes now (and replays as usual)
         self._reconcile(time.monotonic())
 
@@ -846,6 +860,59 @@ class Coordinator:
                 raise DeployError(f"worker {name}'s control queue is full; try again")
         self.prefetches[msg.rid] = _PrefetchOrder(ident, model, set(targets), time.monotonic() + msg.budget_ms / 1000.0)
 
+    def _on_measure(self, ident: bytes, msg: P.Message) -> None:
+        """A client's MEASURE goes to the listed workers, a host's one at a time; their replies are collected here."""
+        worker = self._worker_at(ident)
+        if worker is not None:
+            reply = P.unpack_blob(msg.blob(0)) if msg.specs else None
+            for order in list(self.measures.values()):
+                if order.running.get(msg.rid) == worker.info.name:
+                    ok = isinstance(reply, dict)
+                    order.finish(msg.rid, reply if ok else None, None if ok else "a malformed reply")
+                    self._advance_measure(order)
+            return
+        self._operator_only(msg)
+        self.clients.refresh(ident)
+        body = msg.body
+        model = P.check_model_name(P.body_get(body, "model", str))
+        manifest = self._manifest(model)
+        names = P.body_get(body, "workers", list, None) or sorted(self.workers)
+        unknown = sorted(str(w)[:64] for w in names if w not in self.workers)
+        if unknown:
+            raise DeployError(f"cannot measure on {unknown}: not registered; live workers: {sorted(self.workers)}")
+        if not names:
+            raise DeployError("no live workers to measure; start some with `edgesplit worker`")
+        batches = P.body_get(body, "batches", list, [1])
+        if not (1 <= len(batches) <= 8 and all(type(b) is int and 1 <= b <= P.MAX_BATCH for b in batches)):
+            raise ProtocolError(f"bad message: MEASURE batches are 1..8 sizes in [1, {P.MAX_BATCH}], got {batches!r:.60}")
+        order = new_order(ident, msg.rid, model, time.monotonic() + msg.budget_ms / 1000.0,
+                          {n: self.workers[n].info.host or n for n in names})
+        order.request = {k: body[k] for k in ("batches", "reps", "probe_s", "refresh") if k in body}
+        order.manifest = manifest.to_json().encode()
+        order.summary = {"blocks": [[b.size_bytes, b.act_bytes] for b in manifest.blocks],
+                         "input_bytes": 4 * math.prod(manifest.input_shape),
+                         "codecs": {k: v for k, v in (manifest.extra.get("codecs") or {}).items()
+                                    if isinstance(v, dict) and "cut" in v and "points" in v},
+                         "endpoints": {n: [self.workers[n].info.endpoint, self.worker_keys.get(n, "")] for n in names}}
+        self.measures[msg.rid] = order
+        self._advance_measure(order)
+
+    def _advance_measure(self, order: MeasureOrder) -> None:
+        """Start the turns that may start; answer the client once every worker's turn ended."""
+        for name, turn in order.next_turns():
+            rec = self.workers.get(name)
+            if rec is None:
+                order.finish(turn, None, "was lost")
+                continue
+            targets = [[self.workers[w].info.endpoint, self.worker_keys.get(w, "")] for w in order.host_of
+                       if w != name and w in self.workers]
+            frames = P.encode(Msg.MEASURE, turn, max(0, int((order.deadline - time.monotonic()) * 1000)),
+                              {"body": {**order.request, "model": order.model, "targets": targets}}, [order.manifest])
+            if not send(self.sock, frames, route=[rec.ident]):
+                order.finish(turn, None, "its control queue is full")
+        if order.done and self.measures.pop(order.rid, None) is not None:
+            self._reply(order.client, P.encode(Msg.MEASURE, order.rid, 0, {}, [P.pack_blob(order.body())]))
+
     # --- admission (scheduled requests) ----------------------------------------------------------
     def _on_admit(self, ident: bytes, msg: P.Message) -> None:
         """A request with a deadline asks to run: it waits for the window's decision (``admission``)."""
@@ -1125,7 +1192,7 @@ class Coordinator:
         Msg.READY: _on_ready, Msg.HEARTBEAT: _on_heartbeat, Msg.DEPLOYED: _on_deployed, Msg.ERROR: _on_worker_error,
         Msg.FETCH: _on_fetch, Msg.HELLO: _on_hello, Msg.ROUTE: _on_route, Msg.WORKERS: _on_workers,
         Msg.MODELS: _on_models, Msg.PLAN: _on_plan, Msg.LINK: _on_link, Msg.PREFETCH: _on_prefetch,
-        Msg.UNDEPLOY: _on_undeploy, Msg.ADMIT: _on_admit, Msg.DONE: _on_done,
+        Msg.UNDEPLOY: _on_undeploy, Msg.ADMIT: _on_admit, Msg.DONE: _on_done, Msg.MEASURE: _on_measure,
     }
 
 

@@ -158,10 +158,12 @@ def check_link(codec: LinkCodec | None, spec: LinkSpec) -> None:
 
 
 class RateMeter:
-    """The rate of one outgoing link, measured from sends and their ACKs (bytes/s, EWMA).
+    """The rate of one outgoing link, measured from sends to their receipt (bytes/s, EWMA).
 
-    A transfer starts at its send, or at the previous ACK from the same peer when that came
-    later (the link was still busy with the message before), and ends at its ACK. Messages
+    A transfer starts at its send, or at the previous receipt by the same peer when that came
+    later (the link was still busy with the message before), and ends at its receipt: the
+    ACK's arrival less the time the receiver held the input (its ``held``: queue and compute
+    before it acknowledged), so the next stage's compute is not taken for link time. Messages
     under ``min_bytes`` time the round trip rather than the rate and are not counted, so the
     estimate stays at the last large transfer's while only small ones go.
     """
@@ -171,11 +173,11 @@ class RateMeter:
         self.rate: float | None = None  # bytes/s; None until a large enough transfer was acked
         self._last_ack = -math.inf
 
-    def observe(self, nbytes: int, t_send: float, t_ack: float) -> None:
-        start, self._last_ack = max(t_send, self._last_ack), max(self._last_ack, t_ack)
-        if nbytes < self.min_bytes or t_ack <= start:
+    def observe(self, nbytes: int, t_send: float, t_received: float) -> None:
+        start, self._last_ack = max(t_send, self._last_ack), max(self._last_ack, t_received)
+        if nbytes < self.min_bytes or t_received <= start:
             return
-        sample = nbytes / (t_ack - start)
+        sample = nbytes / (t_received - start)
         self.rate = sample if self.rate is None else (1 - self.alpha) * self.rate + self.alpha * sample
 
 

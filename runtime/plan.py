@@ -95,13 +95,17 @@ def layerwise_plan(manifest: ModelManifest, workers: Sequence[str], n_stages: in
         manifest: the model (its block list and profiled ``forward_ms``).
         workers: worker names; stage i goes to ``workers[i % len(workers)]``.
         n_stages: number of stages (default: one per worker); ignored when ``splits`` is given.
-        splits: block indices where a new stage starts; default balances profiled times.
+        splits: block indices where a new stage starts; default: the manifest's stored splits
+            when they make ``n_stages`` stages, else balance its profiled times.
     Returns:
         The planned stages, checked to cover every block once.
     """
     if not workers:
         raise DeployError(f"no workers to place {manifest.name} on; start some with `edgesplit worker`")
     n = manifest.n_blocks
+    stored = manifest.extra.get("splits")
+    if splits is None and isinstance(stored, list) and len(stored) + 1 == (n_stages or len(workers)):
+        splits = stored  # cut at partition time (`partition --split/--stages`) for this many stages
     if splits is None:
         k = n_stages or len(workers)
         costs = [b.forward_ms for b in manifest.blocks]

@@ -63,6 +63,7 @@ MAX_NDIM = 8
 MAX_HOPS = 64  # stages on one route
 KEY_Z85_CHARS = 40  # a CURVE public key as z85 text (keyed clusters)
 MAX_ACKS = 256  # (rid, hop) pairs one ACK message acknowledges (20 B each in the header)
+MAX_HELD_US = 2**31 - 1  # an ACK's per-pair hold time, microseconds
 # Samples in one RUN's input tensor (its first dimension): one request may not make a stage compute, and hold
 # activations for, an unbounded batch; the worker's own batching concatenates requests, each within this.
 MAX_BATCH = 64
@@ -123,6 +124,8 @@ class Msg(IntEnum):
     UNDEPLOY = 20  # client -> coordinator: release a model everywhere (workers free its blocks); reply: bytes freed
     ADMIT = 21  # client -> coordinator: may this request (model, user, deadline, input bytes) run? reply: when to send
     DONE = 22  # client -> coordinator: an admitted request's result came, ``lag_ms`` after its planned end (no reply)
+    MEASURE = 23  # client -> coordinator -> workers: profile a model's blocks, probe links; reply: profiles, rates
+    PROBE = 24  # data: one message of a link probe train (payload: filler); answered at once by a header-only PROBE
 
 
 class Err(IntEnum):
@@ -242,6 +245,8 @@ HEADER_KEYS = {
     "rk": "requester's public key (z85, keyed clusters): the first worker sets it from the requester's CURVE key; "
           "results and errors go only to a result socket holding its secret",
     "acks": "ACK only: the pairs acknowledged besides (rid, hop), [[rid, hop], ...], at most MAX_ACKS - 1",
+    "held": "ACK only: per acknowledged pair, microseconds the receiver held it before this ACK (so the sender "
+            "times its link to receipt, not to the next stage's compute)",
 }
 _KNOWN_KEYS = frozenset(HEADER_KEYS)
 REQUIRED_KEYS: dict[Msg, frozenset[str]] = {
@@ -430,6 +435,11 @@ def _validate_header(h: Any, n_frames: int, max_frame_bytes: int) -> tuple[Msg, 
         if mtype is not Msg.ACK:
             raise _bad(f"acks belongs on ACK, not {mtype.name}")
         _acks(h["acks"])
+    if "held" in h:
+        held = h["held"]
+        if mtype is not Msg.ACK or type(held) is not list or len(held) != 1 + len(h.get("acks", ())) or not all(
+                type(v) is int and 0 <= v <= MAX_HELD_US for v in held):
+            raise _bad(f"held is an ACK's list of one int in [0, {MAX_HELD_US}] per acknowledged pair")
     specs_raw = h.get("ten", [])
     if type(specs_raw) is not list or len(specs_raw) > MAX_PAYLOAD_FRAMES:
         raise _bad(f"ten must list at most {MAX_PAYLOAD_FRAMES} payload frames")
@@ -499,6 +509,11 @@ class Message:
         first = (h["rid"], h["hop"])
         more = h.get("acks")
         return [first, *[(rid, hop) for rid, hop in more]] if more else [first]
+
+    def held_s(self) -> list[float]:
+        """Per acknowledged pair, seconds the receiver held it before acknowledging (0s when not said)."""
+        held = self.header.get("held")
+        return [v / 1e6 for v in held] if held else [0.0] * len(self.acked())
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -599,8 +614,11 @@ def encode(mtype: Msg, rid: bytes, budget_ms: int, fields: Mapping[str, Any] | N
 _ACK_CODE = int(Msg.ACK)
 
 
-def encode_acks(pairs: Sequence[tuple[bytes, int]]) -> list[list[Any]]:
+def encode_acks(pairs: Sequence[tuple[bytes, int]], held_us: Sequence[int] | None = None) -> list[list[Any]]:
     """ACK messages taking custody of ``pairs`` [(rid, hop)], ``MAX_ACKS`` pairs per message.
+
+    ``held_us`` (one per pair): how long this end held each pair since receipt, so the sender
+    can time its link to receipt rather than to the ACK (header ``held``).
 
     One message per drained batch instead of one per RUN is what makes custody cheap:
     the sender still drops nothing until the pair comes back (:meth:`Message.acked`).
@@ -619,6 +637,8 @@ def encode_acks(pairs: Sequence[tuple[bytes, int]]) -> list[list[Any]]:
         header: dict[str, Any] = {"t": _ACK_CODE, "rid": rid, "bud": 0, "hop": hop}
         if len(chunk) > 1:
             header["acks"] = [[r, h] for r, h in chunk[1:]]
+        if held_us is not None:
+            header["held"] = [max(0, min(int(v), MAX_HELD_US)) for v in held_us[i:i + MAX_ACKS]]
         out.append([VERSION + _packb(header)])
     return out
 

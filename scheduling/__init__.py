@@ -7,6 +7,7 @@ Layout, one job per module:
 - ``uplink``: dividing the uplink (closed forms, shared-link EDF); pure arithmetic.
 - ``greedy``, ``dp`` (anytime, capped), ``exact`` (test oracle), ``baselines``.
 - ``registry``: ``create_scheduler(name, **options)``, ``list_schedulers()``, ``register_scheduler``.
+- ``placement``: exact worker/split/codec placement of a layer-wise chain (``plan_placement``, brute-force oracle).
 
 It imports nothing of the runtime package (sockets, daemons); the coordinator imports it.
 """
@@ -18,6 +19,8 @@ from .baselines import solve_edf, solve_fcfs, solve_oblivious, solve_random
 from .problem import (TIME_TOL_S, BackboneStructure, Compiled, ModelLibrary, Problem, Request, ServerConfig,
                       UplinkConfig, backbone_structure)
 from .registry import create_scheduler, list_schedulers, register_scheduler, solve_auto
+from .placement import (CLIENT, CutCodec, HopPlan, Placement, PlacementError, PlacementProblem, StagePlan,
+                        WorkerProfile, brute_force_placement, evaluate_placement, plan_placement)
 from .schedule import Schedule
 from .timeline import JobTiming, Timeline, allocate_static, evaluate, fast_feasible
 from . import uplink
@@ -30,3 +33,5 @@ __all__ = [
     "solve_dp", "solve_edf", "solve_exact", "solve_fcfs", "solve_greedy", "solve_oblivious", "solve_random",
     "uplink",
 ]
+__all__ += ["CLIENT", "CutCodec", "HopPlan", "Placement", "PlacementError", "PlacementProblem", "StagePlan",
+            "WorkerProfile", "brute_force_placement", "evaluate_placement", "plan_placement"]

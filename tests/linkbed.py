@@ -31,17 +31,22 @@ def skip_reason(tag: str) -> str | None:
     return None
 
 
+class LinkBedUnavailable(RuntimeError):
+    """The test bed cannot be built here (the message says why)."""
+
+
 @contextlib.contextmanager
-def limited_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) -> Iterator[tuple[str, str, str]]:
+def netns_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) -> Iterator[tuple[str, str, str]]:
     """(near address, far address, namespace): everything sent towards the far end passes the token bucket.
 
-    ``tag`` names the namespace and interfaces (unique per test process); ``net`` is the second
-    octet of the addresses (one per test module, so parallel runs do not collide). Skips the
-    test with the reason when the bed cannot be built; always removes what it made.
+    ``tag`` names the namespace and interfaces (unique per process); ``net`` is the second
+    octet of the addresses (one per test module or benchmark, so parallel runs do not
+    collide). Raises ``LinkBedUnavailable`` when the bed cannot be built; always removes
+    what it made. Benchmarks use this directly; tests use :func:`limited_link`.
     """
     reason = skip_reason(tag)
     if reason:
-        pytest.skip(reason)
+        raise LinkBedUnavailable(reason)
     subnet = 10 + os.getpid() % 200
     ns, near_if, far_if = f"{tag}ns", f"{tag}a", f"{tag}b"
     near, far = f"10.{net}.{subnet}.1", f"10.{net}.{subnet}.2"
@@ -61,8 +66,22 @@ def limited_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) ->
         for step in steps:
             r = sh(*step)
             if r.returncode != 0:
-                pytest.skip(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
+                raise LinkBedUnavailable(f"could not build the test link ({' '.join(step)}): {r.stderr.strip()[:200]}")
         yield near, far, ns
     finally:
         sh("ip", "link", "del", near_if)
         sh("ip", "netns", "del", ns)
+
+
+@contextlib.contextmanager
+def limited_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) -> Iterator[tuple[str, str, str]]:
+    """:func:`netns_link` for tests: skips the test with the reason when the bed cannot be built."""
+    try:
+        bed = netns_link(tag, net, rate_bytes_per_s, burst_bytes)
+        link = bed.__enter__()
+    except LinkBedUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield link
+    finally:
+        bed.__exit__(None, None, None)

@@ -12,6 +12,7 @@ the namespace this test creates.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,47 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
             _, _, nbytes = run(n=3, timeout_ms=150)
             print(f"following the measured rate, 150 ms deadline: {nbytes} B per transfer")
             assert small_bytes < nbytes < full_bytes
+        finally:
+            cl.close()
+            far_proc.terminate()
+            try:
+                far_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                far_proc.kill()
+            far_log.close()
+
+
+@pytest.mark.timeout(240)
+def test_link_probes_measure_the_token_bucket_rate(far_link, tiny_vit_store, tmp_path):
+    """MEASURE's probes (worker to worker, client to worker) time the link to receipt: within 20 % of tbf's rate."""
+    from edgesplit.runtime import Client, ClientConfig, LocalCluster, LocalClusterConfig
+
+    near, far, ns = far_link
+    root = tmp_path / "store"  # the store without the first test's plans and worker-key bindings (new keys here)
+    shutil.copytree(tiny_vit_store[0], root, ignore=shutil.ignore_patterns("plans"))
+    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
+    lc = LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1, keyed=True), store=root)
+    far_keys = lc.add_key("far", "worker")
+    with lc:
+        far_log = open(tmp_path / "far.log", "wb")
+        far_proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
+             lc.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / "far"),
+             "--torch-threads", "1", "--keys", str(far_keys)], stdout=far_log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+        try:
+            cl = Client(ClientConfig(coordinator=lc.endpoint, control_timeout_ms=120_000,
+                                     keys=str(lc.key_dir("operator"))))
+            cl.wait_for_workers(2, timeout_s=30)
+            m = cl.measure("vit4", reps=2, probe_s=1.0)
+            into_far = m.workers["w0"].links["far"][0]
+            out_of_far = m.workers["far"].links["w0"][0]
+            client_to_far = m.client_links["far"][0]
+            print(f"\ntbf {RATE_BYTES_PER_S / 1e6:.2f} MB/s: w0->far {into_far / 1e6:.2f} MB/s, client->far "
+                  f"{client_to_far / 1e6:.2f} MB/s, far->w0 (no bucket) {out_of_far / 1e6:.1f} MB/s")
+            for rate in (into_far, client_to_far):
+                assert abs(rate - RATE_BYTES_PER_S) <= 0.2 * RATE_BYTES_PER_S
+            assert out_of_far > 4 * RATE_BYTES_PER_S  # the bucket limits one direction only
         finally:
             cl.close()
             far_proc.terminate()

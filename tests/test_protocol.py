@@ -272,6 +272,18 @@ def test_batched_acks_round_trip_in_order(n):
 
 
 @pytest.mark.timeout(30)
+def test_acks_carry_how_long_the_receiver_held_each_pair():
+    """``held`` lets the sender time its link to receipt, not to the next stage's compute."""
+    pairs = [(P.new_rid(), 1) for _ in range(P.MAX_ACKS + 3)]
+    held = [i * 1000 for i in range(len(pairs))]
+    got = []
+    for frames in P.encode_acks(pairs, held):
+        got += P.decode(frames).held_s()
+    assert got == pytest.approx([h / 1e6 for h in held])
+    assert P.decode(P.encode_acks(pairs[:2])[0]).held_s() == [0.0, 0.0]  # not said: nothing to subtract
+
+
+@pytest.mark.timeout(30)
 def test_plain_ack_is_a_batch_of_one_and_other_types_ack_nothing():
     rid = P.new_rid()
     assert P.decode(P.encode(Msg.ACK, rid, 0, {"hop": 3})).acked() == [(rid, 3)]
@@ -307,6 +319,11 @@ BAD_ACKS = {
     "acks on a RUN": _hdr(acks=[[b"\x01" * 16, 1]]),
     "acks on an ERROR": {"t": int(Msg.ERROR), "rid": bytes(16), "bud": 0, "err": [1, "x"], "acks": []},
     "batched ACK without hop": {k: v for k, v in _ack_hdr().items() if k != "hop"},
+    "held shorter than the pairs": _ack_hdr(acks=[[b"\x01" * 16, 1]], held=[5]),
+    "held negative": _ack_hdr(held=[-1, 0]),
+    "held float": _ack_hdr(held=[1.5, 0]),
+    "held not a list": _ack_hdr(held=7),
+    "held on a RUN": _hdr(held=[1]),
 }
 
 

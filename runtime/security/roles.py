@@ -25,8 +25,9 @@ _ASK = frozenset({Msg.HELLO, Msg.ROUTE, Msg.ADMIT, Msg.DONE})
 # what the coordinator takes from each role; a worker's LINK and PREFETCH are its replies to orders. The
 # registry (WORKERS: every name, endpoint, host and pid) and the store's list (MODELS) are the operator's
 COORDINATOR_TAKES: dict[str, frozenset[Msg]] = {
-    "worker": frozenset({Msg.READY, Msg.HEARTBEAT, Msg.DEPLOYED, Msg.ERROR, Msg.FETCH, Msg.LINK, Msg.PREFETCH}),
-    "operator": _ASK | {Msg.WORKERS, Msg.MODELS, Msg.PLAN, Msg.LINK, Msg.PREFETCH, Msg.UNDEPLOY},
+    "worker": frozenset({Msg.READY, Msg.HEARTBEAT, Msg.DEPLOYED, Msg.ERROR, Msg.FETCH, Msg.LINK, Msg.PREFETCH,
+                         Msg.MEASURE}),
+    "operator": _ASK | {Msg.WORKERS, Msg.MODELS, Msg.PLAN, Msg.LINK, Msg.PREFETCH, Msg.UNDEPLOY, Msg.MEASURE},
     "user": _ASK,
 }
 

@@ -36,6 +36,7 @@ from ..errors import RuntimeFailure
 from ..links import decode_link, encode_link
 from ..protocol import Err
 from .batcher import Batcher, stage_key
+from .profile import slowed
 from .stage import Stage, check_input
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class ComputeLoop:
     def _run(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.w.device, non_blocking=True)
         with torch.inference_mode():
-            return module(x)
+            return slowed(lambda: module(x), self.w.cfg.slowdown, self.w.device)
 
     def _encode(self, job: Job, stage: Stage, y: torch.Tensor) -> Done:
         w = self.w

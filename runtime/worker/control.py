@@ -26,6 +26,7 @@ from ..links import check_link
 from ..protocol import Err, Msg
 from ..transport import SocketOptions, dealer, recv, send
 from .deploy import Deployer, _reply
+from .measure import Measurer
 
 if TYPE_CHECKING:
     from .daemon import Worker
@@ -38,6 +39,7 @@ class ControlLoop:
         self.w = worker
         self.log = logging.getLogger(f"edgesplit.worker.{worker.name}")
         self.deployer = Deployer(worker)
+        self.measurer = Measurer(worker)
         self.need_ready = True
         self.refused: str | None = None  # why the coordinator refused us (the worker then exits)
 
@@ -79,7 +81,7 @@ class ControlLoop:
                     w.stopping.wait(0.05)
                     continue
                 sock = link.sock
-                loading = self.deployer.active or self.deployer.prefetching
+                loading = self.deployer.active or self.deployer.prefetching or self.measurer.active
                 timeout_ms = max(0, min(5 if loading else 50 if self.need_ready else 100,
                                         int((next_hb - now) * 1000)))
                 if sock.poll(timeout_ms, zmq.POLLIN):
@@ -98,6 +100,7 @@ class ControlLoop:
                 while not w.refetch.empty():
                     self.deployer.refetch(w.refetch.get())
                 self.deployer.advance(sock)
+                self.measurer.advance(sock)
                 now = time.monotonic()
                 if now >= next_hb:
                     send(sock, P.encode(Msg.HEARTBEAT, P.new_rid(), w.ttl_ms(), {"body": self.heartbeat_body()}))
@@ -108,6 +111,7 @@ class ControlLoop:
         finally:
             link.close()
             self.deployer.loader.shutdown(wait=False, cancel_futures=True)
+            self.measurer.close()
 
     def on_control(self, sock: zmq.Socket, frames: list[Any]) -> None:
         try:
@@ -135,6 +139,8 @@ class ControlLoop:
             self.deployer.prefetch(sock, msg)
         elif t == Msg.LINK:
             self.on_link(sock, msg)
+        elif t == Msg.MEASURE:
+            self.measurer.start(sock, msg)
         elif t == Msg.NOTICE:
             lost, alive = msg.body.get("lost_endpoint"), msg.body.get("alive_endpoint")
             if isinstance(lost, str):

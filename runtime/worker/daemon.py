@@ -90,6 +90,8 @@ class WorkerConfig:
                                 "inject inputs and read activations; logged every minute)")
     crash_after: int = opt(0, "fault injection: exit abruptly after computing N requests (0 = off)")
     stall_ms: int = opt(0, "fault injection: sleep this long before each compute (0 = off)")
+    slowdown: float = opt(1.0, "emulate a slower board: every forward pass (and profile) takes this many times as "
+                               "long, the extra spent asleep (tests and benchmarks of placement; 1 = off)")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
 
 
@@ -106,6 +108,8 @@ class Worker:
             raise ConfigError(f"worker name {self.name!r} must be 1-64 of letters, digits and . _ - ; pass --name")
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
+        if not 1.0 <= cfg.slowdown <= 1000.0:
+            raise ConfigError(f"--slowdown must be in [1, 1000], got {cfg.slowdown}")
         # the identity on every socket: the name plus a per-process tag, so two processes never share one
         self.ident = f"{self.name}/{os.urandom(4).hex()}".encode()
         # data links' ids: another random tag, so a peer that sees them (a requester) never learns the control id

@@ -85,7 +85,8 @@ class DataPlane:
         self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
         self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
         self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
-        self.acks_out: dict[tuple[bytes, ...], list[tuple[bytes, int]]] = {}  # sender route -> pairs to ACK
+        # sender route -> pairs to ACK, with each pair's receipt time (wall clock), so the ACK says how long it was held
+        self.acks_out: dict[tuple[bytes, ...], list[tuple[bytes, int, float]]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._rr = 0
         self.paused: dict[str, float] = {}  # next-stage endpoint -> no sends before (it said OVERLOADED)
@@ -159,13 +160,19 @@ class DataPlane:
                 self.lost_peers.pop(arg, None)
 
     # --- inbound -------------------------------------------------------------------------------
-    def ack(self, route: list[bytes], rid: bytes, hop: int) -> None:
-        """Take custody of (rid, hop) for its sender; the ACKs of one loop pass leave as one message per sender."""
-        self.acks_out.setdefault(tuple(route), []).append((rid, hop))
+    def ack(self, route: list[bytes], rid: bytes, hop: int, t_recv: float | None = None) -> None:
+        """Take custody of (rid, hop) for its sender; the ACKs of one loop pass leave as one message per sender.
+
+        ``t_recv``: when it arrived (wall clock; default now); the ACK carries how long it was
+        held since, so the sender's link meter times the transfer, not this stage's compute.
+        """
+        self.acks_out.setdefault(tuple(route), []).append((rid, hop, time.time() if t_recv is None else t_recv))
 
     def _flush_acks(self) -> None:
-        for route, pairs in self.acks_out.items():
-            for frames in P.encode_acks(pairs):
+        now = time.time()
+        for route, items in self.acks_out.items():
+            pairs = [(rid, hop) for rid, hop, _ in items]
+            for frames in P.encode_acks(pairs, [int((now - t) * 1e6) for _, _, t in items]):
                 self.reply_link(list(route), frames)
         self.acks_out.clear()
 
@@ -190,6 +197,10 @@ class DataPlane:
             return
         if msg.type == Msg.HEARTBEAT:  # a liveness probe on the data socket
             self.reply_link(route, P.encode(Msg.HEARTBEAT, msg.rid, 0, {"body": {"name": w.name}}))
+            return
+        if msg.type == Msg.PROBE:  # a link probe: answered at once, so its sender times the link alone
+            self.counters["probes"] += 1
+            self.reply_link(route, P.encode(Msg.PROBE, msg.rid, 0))
             return
         if msg.type != Msg.RUN:
             self.counters["bad_messages"] += 1
@@ -262,7 +273,7 @@ class DataPlane:
         key = (msg.rid, msg.get("hop"), msg.get("att", 0))
         if key in self.recent:
             self.recent[key] = True
-        self.ack(job.upstream, msg.rid, msg.get("hop"))
+        self.ack(job.upstream, msg.rid, msg.get("hop"), job.t_recv)
 
     def _live(self, replicas: tuple[str, ...]) -> list[str]:
         return [ep for ep in replicas if ep not in self.lost_peers]
@@ -377,10 +388,10 @@ class DataPlane:
         if msg.type == Msg.ACK:
             now = time.monotonic()
             self.paused.pop(endpoint, None)  # it took something: its queue has room again
-            for key in msg.acked():
+            for key, held in zip(msg.acked(), msg.held_s()):
                 k = self.kept.pop(key, None)
-                if k is not None:  # a next stage's ACK: time the link to it
-                    self.w.rates[k.dest].observe(k.nbytes, k.t_send, now)
+                if k is not None:  # a next stage's ACK: time the link to it, up to receipt there
+                    self.w.rates[k.dest].observe(k.nbytes, k.t_send, now - held)
         elif msg.type == Msg.ERROR:
             k = self.kept.get((msg.rid, hop))
             if k is None or k.dest != endpoint:

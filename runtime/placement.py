@@ -1,0 +1,158 @@
+"""From measurements to a placement problem, and from a deployed placement to measured-beside-predicted.
+
+The coordinator's MEASURE answer (each worker's block profile on its own device, its links
+to the other workers) plus the client's own probes of its links to each worker become a
+:class:`~edgesplit.scheduling.placement.PlacementProblem`; the planner there is pure. After
+a deploy, :func:`compare` sets what the workers measure (compute per stage, rate per link)
+beside what the plan predicted.
+
+Trained codecs enter the problem when the manifest describes them with their cut and
+measured points: ``extra["codecs"][name] = {..., "cut": K, "points": [[budget,
+bytes_per_sample, accuracy_cost], ...]}``; each point is a candidate at cut K, deployed as
+the link spec ``{"codec": name, "budget": budget}``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from edgesplit.scheduling.placement import CLIENT, CutCodec, Placement, PlacementProblem, WorkerProfile
+
+from .errors import ProtocolError
+from .types import WorkerInfo
+
+UNUSABLE_RATE = 1.0  # bytes/s given to a link whose probe failed: no plan uses it while another exists
+
+
+@dataclass(frozen=True)
+class WorkerMeasure:
+    """What one worker measured: its block times per batch size, its budget, its links (peer name -> rate, rtt)."""
+
+    name: str
+    endpoint: str
+    device: str
+    slowdown: float
+    memory_budget_bytes: int
+    profiles: dict[int, list[float]]
+    links: dict[str, tuple[float, float]]  # bytes/s (<= 0: probe failed), round trip ms
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """A MEASURE answer plus the client's probes: everything the planner weighs."""
+
+    model: str
+    block_bytes: list[int]
+    act_bytes: list[int]
+    input_bytes: int
+    workers: dict[str, WorkerMeasure]
+    client_links: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (bytes/s, rtt ms)
+    codecs: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_msg(cls, body: Any) -> "Measurements":
+        """Check and read a MEASURE answer (the coordinator's blob)."""
+        try:
+            endpoints = {str(n): str(v[0]) for n, v in body["endpoints"].items()}
+            names = {ep: n for n, ep in endpoints.items()}
+            workers = {}
+            for name, r in body["workers"].items():
+                links = {names[ep]: (float(rate), float(rtt)) for ep, rate, rtt in r["links"] if ep in names}
+                workers[name] = WorkerMeasure(name, endpoints.get(name, ""), str(r["device"]), float(r["slowdown"]),
+                                              int(r["memory_budget_bytes"]),
+                                              {int(b): [float(v) for v in ms] for b, ms in r["profiles"]}, links)
+            return cls(str(body["model"]), [int(b[0]) for b in body["blocks"]], [int(b[1]) for b in body["blocks"]],
+                       int(body["input_bytes"]), workers, {}, dict(body.get("codecs") or {}),
+                       {str(k): str(v) for k, v in (body.get("errors") or {}).items()})
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ProtocolError(f"bad message: a MEASURE answer lacks or garbles {e}") from None
+
+    def hop_ms(self) -> float:
+        """The fixed cost of one message on a hop: half the median round trip of an empty probe."""
+        rtts = [rtt for w in self.workers.values() for _, rtt in w.links.values() if rtt > 0]
+        rtts += [rtt for _, rtt in self.client_links.values() if rtt > 0]
+        return statistics.median(rtts) / 2 if rtts else 0.0
+
+    def problem(self, batch: int = 1, max_accuracy_cost: float = 0.0, workers: Sequence[str] | None = None,
+                max_stages: int | None = None) -> PlacementProblem:
+        """The placement problem over ``workers`` (default: every worker that measured) at ``batch``."""
+        names = [w for w in (workers or sorted(self.workers)) if w in self.workers]
+        missing = sorted(set(workers or ()) - set(self.workers))
+        if missing:
+            raise ProtocolError(f"no measurements from workers {missing}: {self.errors}")
+        if any(batch not in self.workers[w].profiles for w in names):
+            raise ProtocolError(f"workers were not profiled at batch {batch}; measure with that batch size")
+        rates: dict[tuple[str, str], float] = {}
+        for a in names:
+            for b, (rate, _) in self.workers[a].links.items():
+                if b in names:
+                    rates[(a, b)] = rate if rate > 0 else UNUSABLE_RATE
+        for b, (rate, _) in self.client_links.items():
+            if b in names:
+                rates[(CLIENT, b)] = rate if rate > 0 else UNUSABLE_RATE
+        return PlacementProblem(
+            block_bytes=tuple(self.block_bytes), act_bytes=tuple(self.act_bytes), input_bytes=self.input_bytes,
+            workers=tuple(WorkerProfile(w, tuple(self.workers[w].profiles[batch]), self.workers[w].memory_budget_bytes)
+                          for w in names),
+            link_rate=rates, hop_ms=self.hop_ms(), codecs=tuple(self._codecs()),
+            max_accuracy_cost=max_accuracy_cost, batch=batch, max_stages=max_stages)
+
+    def _codecs(self) -> list[CutCodec]:
+        out = []
+        for name, desc in sorted(self.codecs.items()):
+            for budget, nbytes, cost in desc.get("points", ()):
+                if 1 <= int(desc["cut"]) < len(self.block_bytes):
+                    out.append(CutCodec(f"{name}@{budget}", int(desc["cut"]), int(nbytes), float(cost)))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "block_bytes": self.block_bytes, "act_bytes": self.act_bytes,
+                "input_bytes": self.input_bytes, "hop_ms": self.hop_ms(), "errors": self.errors,
+                "client_links": {w: {"rate_bps": r, "rtt_ms": t} for w, (r, t) in self.client_links.items()},
+                "workers": {n: {"device": w.device, "slowdown": w.slowdown, "memory_budget_bytes": w.memory_budget_bytes,
+                                "profiles": {str(b): ms for b, ms in w.profiles.items()},
+                                "links": {p: {"rate_bps": r, "rtt_ms": t} for p, (r, t) in w.links.items()}}
+                            for n, w in self.workers.items()}}
+
+
+def deploy_args(placement: Placement) -> tuple[list[tuple[str, int, int]], list[dict[str, Any] | None]]:
+    """The ``stages`` and ``links`` of ``Client.deploy`` for a placement (a codec point becomes name + budget)."""
+    stages = [(s.worker, s.start, s.end) for s in placement.stages]
+    links: list[dict[str, Any] | None] = []
+    for hop in placement.hops[1:-1]:
+        if hop.codec is None:
+            links.append(None)
+        else:
+            name, _, budget = hop.codec.rpartition("@")
+            links.append({"codec": name, "budget": int(budget)})
+    return stages, links
+
+
+def compare(placement: Placement, workers: Sequence[WorkerInfo], model: str, hop_ms: float = 0.0) -> list[dict[str, Any]]:
+    """Per stage and hop of a deployed placement: predicted ms beside what the workers measure now.
+
+    Stage rows take the worker's median compute for the stage (``None`` until it ran); hop
+    rows between stages take the sending worker's link rate to the receiver (to receipt),
+    plus the plan's fixed ``hop_ms`` per message.
+    """
+    info = {w.name: w for w in workers}
+    rows: list[dict[str, Any]] = []
+    for k, s in enumerate(placement.stages):
+        stats = info[s.worker].stage_stats().get((model, k)) if s.worker in info else None
+        measured = stats["compute_ms_p50"] if stats and stats["n"] > 0 else None
+        rows.append({"what": f"stage {k} on {s.worker} [{s.start}:{s.end})", "predicted_ms": s.compute_ms,
+                     "measured_ms": measured, "n": stats["n"] if stats else 0})
+    for hop in placement.hops[1:-1]:
+        src = info.get(hop.src)
+        dst = info.get(hop.dst)
+        rate = src.telemetry.get(f"link_rate_bps {dst.endpoint}") if src is not None and dst is not None else None
+        measured = hop_ms + 1000.0 * hop.bytes / rate if isinstance(rate, (int, float)) and rate > 0 else None
+        rows.append({"what": f"hop {hop.src}->{hop.dst} ({hop.bytes} B{', ' + hop.codec if hop.codec else ''})",
+                     "predicted_ms": hop.transfer_ms, "measured_ms": measured, "n": None})
+    for r in rows:
+        p, m = r["predicted_ms"], r["measured_ms"]
+        r["error"] = (m - p) / p if m is not None and p > 0 and math.isfinite(p) else None
+    return rows
