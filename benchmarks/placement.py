@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from linkbed import LinkBedUnavailable, netns_link  # noqa: E402  (the tests' netns + tbf bed)
+from linkbed import LinkBedUnavailable, far_worker, netns_link  # noqa: E402  (the tests' netns + tbf bed)
 
 OUT = Path(__file__).resolve().parent / "out"
 SCENARIOS = {  # name: (bucket bytes/s, base slowdown, extra slowdown of w1)
@@ -154,7 +153,6 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"edgesplit-placement-{name}-"))
     n = _store(work / "store")
     tag = f"pl{os.getpid() % 10000}"
-    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
     print(f"\n== scenario {name}: bucket {rate / 1e6:g} MB/s into far, boards {base:g}x slower than a core, "
           f"w1 {slow:g}x slower again ==", flush=True)
     with netns_link(tag, 79, rate, 16 * 1024) as (near, far_addr, ns):
@@ -162,13 +160,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                           store=work / "store", worker_args={0: ["--slowdown", str(base), *ONE],
                                                              1: ["--slowdown", str(base * slow), *ONE]})
         far_keys = lc.add_key("far", "worker")
-        with lc:
-            log = open(work / "far.log", "wb")
-            far = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
-                 lc.endpoint, "--bind", f"tcp://{far_addr}:*", "--name", "far", "--store", str(work / "far"),
-                 "--torch-threads", "1", "--keys", str(far_keys), "--slowdown", str(base), *ONE],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with lc, far_worker(ns, lc.endpoint, far_addr, work / "far", ["--keys", str(far_keys), "--slowdown",
+                                                                       str(base), *ONE]):
             cl = Client(ClientConfig(coordinator=lc.endpoint, control_timeout_ms=300_000, timeout_ms=60_000,
                                      deploy_timeout_ms=120_000, keys=str(lc.key_dir("operator"))))
             try:
@@ -239,12 +232,6 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 return result
             finally:
                 cl.close()
-                far.terminate()
-                try:
-                    far.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    far.kill()
-                log.close()
 
 
 def _print_objective(obj: str, r: dict[str, Any], p: Any) -> None:

@@ -4,12 +4,13 @@
 
     edgesplit plan vit_tiny_patch16_224 --coordinator tcp://10.0.0.1:5555          # throughput plan
     edgesplit plan vit_tiny_patch16_224 --objective latency --workers a,b --json   # for scripts
-    edgesplit plan vit_tiny_patch16_224 --deploy --requests 100   # deploy it, run 100 requests, measured beside predicted
+    edgesplit plan vit_tiny_patch16_224 --deploy --requests 100   # deploy, run 100, measured beside predicted
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -87,6 +88,17 @@ def _exercise(cl: Any, model: str, batch: int, n: int, objective: str) -> dict[s
             **({"latency_ms_p50": statistics.median(lat)} if lat else {})}
 
 
+def _finite(v: Any) -> Any:
+    """JSON has no infinity: a rate too fast to time (or a bottleneck of nothing) becomes null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import _build
     from .client import Client, ClientConfig
@@ -115,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(1.2)  # the next heartbeat carries the stage statistics
             out["compare"] = compare(placement, cl.workers(), args.model, problem.hop_ms)
     if args.json:
-        print(json.dumps(out, indent=1, default=str))
+        print(json.dumps(_finite(out), indent=1, default=str, allow_nan=False))
         return 0
     print(f"\n{'worker':<14}{'device':<8}{'slowdown':>9}{'blocks ms':>11}{'budget':>10}  links (MiB/s)")
     for name, w in sorted(m.workers.items()):

@@ -37,7 +37,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -47,7 +46,7 @@ from typing import Any, Sequence
 import torch
 import zmq
 
-from edgesplit.scheduling.placement import Placement, plan_placement
+from edgesplit.scheduling.placement import Placement, PlacementError, plan_placement
 
 from . import protocol as P
 from .config import from_mapping, opt
@@ -344,7 +343,7 @@ class Client:
             endpoint, key = endpoints[name]
             try:
                 r = probe_link(self.ctx, endpoint, probe_s, self.sec if self.sec.keyed else None, key or None)
-                m.client_links[name] = (r.rate_bps if math.isfinite(r.rate_bps) else 0.0, r.rtt_ms)
+                m.client_links[name] = (r.rate_bps, r.rtt_ms)
             except (RuntimeFailure, ProtocolError, zmq.ZMQError) as e:
                 m.client_links[name] = (-1.0, -1.0)
                 m.errors[f"client->{name}"] = str(e)
@@ -364,7 +363,15 @@ class Client:
             measure: options of :meth:`measure` (``reps``, ``probe_s``, ``refresh``).
         """
         m = measurements or self.measure(model, workers, batches=(batch,), **measure)
-        return plan_placement(m.problem(batch, max_accuracy_cost, workers), objective)
+        try:
+            placement = plan_placement(m.problem(batch, max_accuracy_cost, workers), objective)
+        except PlacementError as e:
+            raise DeployError(f"no plan for {model}: {e}") from None
+        failed = [f"{h.src}->{h.dst}" for h in placement.hops if m.unusable(h.src, h.dst)]
+        if failed:  # the best left uses a link that could not be measured: say so rather than deploy it
+            raise DeployError(f"no plan for {model} avoids the links whose probes failed ({', '.join(failed)}): "
+                              + "; ".join(f"{k}: {v}" for k, v in m.errors.items()))
+        return placement
 
     def undeploy(self, model: str, timeout_ms: int | None = None) -> dict[str, dict[str, Any]]:
         """Release a model everywhere: its plan is forgotten and every worker frees its blocks.

@@ -61,7 +61,7 @@ from .errors import (ConfigError, DeployError, Forbidden, NotDeployed, Overloade
                      UnknownModel)
 from .links import LinkSpec
 from .liveness import PeerTable
-from .measuring import MeasureOrder, new_order
+from .measuring import MAX_MEASURED_WORKERS, MeasureOrder
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
 from .plans import PLANS_DIR, WORKER_KEYS_FILE, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
@@ -77,6 +77,7 @@ log = logging.getLogger("edgesplit.coordinator")
 RETRY_INIT_S = 1.0  # a repair deploy that failed on a worker is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this
 MAX_ROUTE_WAITERS = 4096  # ROUTE questions parked while a model is being (re)deployed
+MAX_MEASURE_ORDERS = 8  # MEASURE orders queued at once (each takes every listed worker a while)
 UNPROFILED_STAGE_MS = 100.0  # a stage never run nor profiled is planned with this compute time
 
 
@@ -294,9 +295,10 @@ class Coordinator:
                                                                         f"finish loading {pre.model} in time"))
         for order in list(self.measures.values()):
             if now > order.deadline:
-                for name in sorted(set(order.running.values()) | {w for q in order.queues.values() for w in q}):
+                for name in [*order.running.values(), *order.waiting]:
                     order.drop(name, "did not finish measuring in time")
-                self._advance_measure(order)
+        if self.measures:
+            self._advance_measures()
         for rid, plan in list(self.plans.items()):
             if now > plan.deadline:
                 self._fail_plan(rid, Err.TIMEOUT, f"workers {sorted(plan.waiting)} did not finish loading "
@@ -511,7 +513,7 @@ class Coordinator:
             return
         for measure in list(self.measures.values()):
             if measure.finish(msg.rid, None, str(msg.get("err")[1])):
-                self._advance_measure(measure)
+                self._advance_measures()
                 return
         order = self.link_orders.pop(msg.rid, None) or self.prefetches.pop(msg.rid, None)
         if order is not None:
@@ -565,7 +567,8 @@ class Coordinator:
         self._end_prefetches(name, "was lost")
         for measure in list(self.measures.values()):
             measure.drop(name, "was lost")
-            self._advance_measure(measure)
+        if self.measures:
+            self._advance_measures()
         self.admission.forget([name], time.monotonic())  # what its server held goes now (and replays as usual)
         self._reconcile(time.monotonic())
 
@@ -861,32 +864,40 @@ class Coordinator:
         self.prefetches[msg.rid] = _PrefetchOrder(ident, model, set(targets), time.monotonic() + msg.budget_ms / 1000.0)
 
     def _on_measure(self, ident: bytes, msg: P.Message) -> None:
-        """A client's MEASURE goes to the listed workers, a host's one at a time; their replies are collected here."""
+        """A client's MEASURE goes to the listed workers one at a time; their replies are collected here."""
         worker = self._worker_at(ident)
         if worker is not None:
-            reply = P.unpack_blob(msg.blob(0)) if msg.specs else None
+            try:
+                reply = P.unpack_blob(msg.blob(0)) if msg.specs else None
+            except ProtocolError:
+                reply = None
             for order in list(self.measures.values()):
                 if order.running.get(msg.rid) == worker.info.name:
                     ok = isinstance(reply, dict)
                     order.finish(msg.rid, reply if ok else None, None if ok else "a malformed reply")
-                    self._advance_measure(order)
+            self._advance_measures()
             return
         self._operator_only(msg)
         self.clients.refresh(ident)
         body = msg.body
         model = P.check_model_name(P.body_get(body, "model", str))
         manifest = self._manifest(model)
-        names = P.body_get(body, "workers", list, None) or sorted(self.workers)
+        names = list(dict.fromkeys(P.body_get(body, "workers", list, None) or sorted(self.workers)))
         unknown = sorted(str(w)[:64] for w in names if w not in self.workers)
         if unknown:
             raise DeployError(f"cannot measure on {unknown}: not registered; live workers: {sorted(self.workers)}")
         if not names:
             raise DeployError("no live workers to measure; start some with `edgesplit worker`")
+        if len(names) > MAX_MEASURED_WORKERS:
+            raise DeployError(f"{len(names)} workers to measure; at most {MAX_MEASURED_WORKERS} at once (each probes "
+                              "every other, and the planner is exact): list the workers a plan may use")
         batches = P.body_get(body, "batches", list, [1])
         if not (1 <= len(batches) <= 8 and all(type(b) is int and 1 <= b <= P.MAX_BATCH for b in batches)):
-            raise ProtocolError(f"bad message: MEASURE batches are 1..8 sizes in [1, {P.MAX_BATCH}], got {batches!r:.60}")
-        order = new_order(ident, msg.rid, model, time.monotonic() + msg.budget_ms / 1000.0,
-                          {n: self.workers[n].info.host or n for n in names})
+            raise ProtocolError(f"bad message: MEASURE batches are 1..8 sizes in [1, {P.MAX_BATCH}], "
+                                f"got {batches!r:.60}")
+        if len(self.measures) >= MAX_MEASURE_ORDERS:
+            raise Overloaded(f"{len(self.measures)} MEASURE orders are queued already; wait for them")
+        order = MeasureOrder(ident, msg.rid, model, time.monotonic() + msg.budget_ms / 1000.0, names)
         order.request = {k: body[k] for k in ("batches", "reps", "probe_s", "refresh") if k in body}
         order.manifest = manifest.to_json().encode()
         order.summary = {"blocks": [[b.size_bytes, b.act_bytes] for b in manifest.blocks],
@@ -895,23 +906,36 @@ class Coordinator:
                                     if isinstance(v, dict) and "cut" in v and "points" in v},
                          "endpoints": {n: [self.workers[n].info.endpoint, self.worker_keys.get(n, "")] for n in names}}
         self.measures[msg.rid] = order
-        self._advance_measure(order)
+        self._advance_measures()
 
-    def _advance_measure(self, order: MeasureOrder) -> None:
-        """Start the turns that may start; answer the client once every worker's turn ended."""
-        for name, turn in order.next_turns():
+    def _advance_measures(self) -> None:
+        """Answer the orders whose turns all ended; while no worker measures, start the oldest order's next turn.
+
+        One turn at a time across every order: two profiles at once on one machine would time
+        each other, and two probes into one worker would share its link.
+        """
+        for order in list(self.measures.values()):
+            if order.done:
+                del self.measures[order.rid]
+                self._reply(order.client, P.encode(Msg.MEASURE, order.rid, 0, {}, [P.pack_blob(order.body())]))
+        while self.measures and not any(o.running for o in self.measures.values()):
+            order = next(o for o in self.measures.values())
+            turn = order.next_turn()
+            if turn is None:
+                del self.measures[order.rid]
+                self._reply(order.client, P.encode(Msg.MEASURE, order.rid, 0, {}, [P.pack_blob(order.body())]))
+                continue
+            name, rid = turn
             rec = self.workers.get(name)
             if rec is None:
-                order.finish(turn, None, "was lost")
+                order.finish(rid, None, "was lost")
                 continue
-            targets = [[self.workers[w].info.endpoint, self.worker_keys.get(w, "")] for w in order.host_of
+            targets = [[self.workers[w].info.endpoint, self.worker_keys.get(w, "")] for w in order.workers
                        if w != name and w in self.workers]
-            frames = P.encode(Msg.MEASURE, turn, max(0, int((order.deadline - time.monotonic()) * 1000)),
+            frames = P.encode(Msg.MEASURE, rid, max(0, int((order.deadline - time.monotonic()) * 1000)),
                               {"body": {**order.request, "model": order.model, "targets": targets}}, [order.manifest])
             if not send(self.sock, frames, route=[rec.ident]):
-                order.finish(turn, None, "its control queue is full")
-        if order.done and self.measures.pop(order.rid, None) is not None:
-            self._reply(order.client, P.encode(Msg.MEASURE, order.rid, 0, {}, [P.pack_blob(order.body())]))
+                order.finish(rid, None, "its control queue is full")
 
     # --- admission (scheduled requests) ----------------------------------------------------------
     def _on_admit(self, ident: bytes, msg: P.Message) -> None:

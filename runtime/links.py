@@ -38,6 +38,7 @@ from edgesplit.partitioner import BlockStore, ModelManifest
 from .errors import ConfigError, ProtocolError
 
 RAW = "raw"
+MIN_TRANSFER_S = 1e-4  # a send-to-receipt time below this is not taken as a rate sample
 MEASURED = "measured"  # LinkSpec.rate: follow the rate the sender measures on the link
 DEFAULT_WIRE_DTYPE = "fp16"  # what a named codec sends when the plan does not say
 
@@ -175,8 +176,8 @@ class RateMeter:
 
     def observe(self, nbytes: int, t_send: float, t_received: float) -> None:
         start, self._last_ack = max(t_send, self._last_ack), max(self._last_ack, t_received)
-        if nbytes < self.min_bytes or t_received <= start:
-            return
+        if nbytes < self.min_bytes or t_received - start < MIN_TRANSFER_S:  # too short to be a rate (or a
+            return  # receiver's ``held`` claiming almost the whole round trip)
         sample = nbytes / (t_received - start)
         self.rate = sample if self.rate is None else (1 - self.alpha) * self.rate + self.alpha * sample
 

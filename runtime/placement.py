@@ -54,21 +54,30 @@ class Measurements:
 
     @classmethod
     def from_msg(cls, body: Any) -> "Measurements":
-        """Check and read a MEASURE answer (the coordinator's blob)."""
+        """Check and read a MEASURE answer (the coordinator's blob); a worker whose part is malformed goes to
+        ``errors`` instead of failing the rest."""
         try:
             endpoints = {str(n): str(v[0]) for n, v in body["endpoints"].items()}
-            names = {ep: n for n, ep in endpoints.items()}
-            workers = {}
-            for name, r in body["workers"].items():
+            blocks = [(int(b[0]), int(b[1])) for b in body["blocks"]]
+            model, input_bytes = str(body["model"]), int(body["input_bytes"])
+            errors = {str(k): str(v) for k, v in (body.get("errors") or {}).items()}
+            replies, codecs = dict(body["workers"]), dict(body.get("codecs") or {})
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ProtocolError(f"bad message: a MEASURE answer lacks or garbles {e}") from None
+        names = {ep: n for n, ep in endpoints.items()}
+        workers = {}
+        for name, r in replies.items():
+            try:
+                profiles = {int(b): [float(v) for v in ms] for b, ms in r["profiles"]}
+                if any(len(ms) != len(blocks) or not all(math.isfinite(v) and v >= 0 for v in ms)
+                       for ms in profiles.values()):
+                    raise ValueError(f"a profile is not {len(blocks)} finite times >= 0")
                 links = {names[ep]: (float(rate), float(rtt)) for ep, rate, rtt in r["links"] if ep in names}
                 workers[name] = WorkerMeasure(name, endpoints.get(name, ""), str(r["device"]), float(r["slowdown"]),
-                                              int(r["memory_budget_bytes"]),
-                                              {int(b): [float(v) for v in ms] for b, ms in r["profiles"]}, links)
-            return cls(str(body["model"]), [int(b[0]) for b in body["blocks"]], [int(b[1]) for b in body["blocks"]],
-                       int(body["input_bytes"]), workers, {}, dict(body.get("codecs") or {}),
-                       {str(k): str(v) for k, v in (body.get("errors") or {}).items()})
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ProtocolError(f"bad message: a MEASURE answer lacks or garbles {e}") from None
+                                              int(r["memory_budget_bytes"]), profiles, links)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                errors[str(name)] = f"its measurements are malformed ({type(e).__name__}: {e}); not planned with"
+        return cls(model, [b[0] for b in blocks], [b[1] for b in blocks], input_bytes, workers, {}, codecs, errors)
 
     def hop_ms(self) -> float:
         """The fixed cost of one message on a hop: half the median round trip of an empty probe."""
@@ -87,8 +96,9 @@ class Measurements:
             raise ProtocolError(f"workers were not profiled at batch {batch}; measure with that batch size")
         rates: dict[tuple[str, str], float] = {}
         for a in names:
-            for b, (rate, _) in self.workers[a].links.items():
-                if b in names:
+            for b in names:
+                if a != b:  # a pair not probed (the worker did not list it) is as unusable as a failed probe
+                    rate = self.workers[a].links.get(b, (-1.0, -1.0))[0]
                     rates[(a, b)] = rate if rate > 0 else UNUSABLE_RATE
         for b, (rate, _) in self.client_links.items():
             if b in names:
@@ -100,19 +110,35 @@ class Measurements:
             link_rate=rates, hop_ms=self.hop_ms(), codecs=tuple(self._codecs()),
             max_accuracy_cost=max_accuracy_cost, batch=batch, max_stages=max_stages)
 
+    def unusable(self, src: str, dst: str) -> bool:
+        """Whether the link ``src -> dst`` is one whose probe failed (or was never run between two workers)."""
+        if src == CLIENT:
+            return self.client_links.get(dst, (1.0, 0.0))[0] <= 0
+        if dst == CLIENT or src not in self.workers:
+            return False  # results to the client are not probed
+        return self.workers[src].links.get(dst, (-1.0, -1.0))[0] <= 0
+
     def _codecs(self) -> list[CutCodec]:
+        """Codec candidates from the manifest; a malformed description is skipped and named in ``errors``."""
         out = []
         for name, desc in sorted(self.codecs.items()):
-            for budget, nbytes, cost in desc.get("points", ()):
-                if 1 <= int(desc["cut"]) < len(self.block_bytes):
-                    out.append(CutCodec(f"{name}@{budget}", int(desc["cut"]), int(nbytes), float(cost)))
+            try:
+                cut = int(desc["cut"])
+                for budget, nbytes, cost in desc["points"]:
+                    if 1 <= cut < len(self.block_bytes):
+                        out.append(CutCodec(f"{name}@{'full' if budget is None else int(budget)}", cut, int(nbytes),
+                                            float(cost)))
+            except (KeyError, TypeError, ValueError) as e:
+                self.errors[f"codec {name}"] = f"its cut and points ([[budget, bytes, accuracy cost], ...]) are " \
+                                               f"malformed ({type(e).__name__}: {e}); not planned with"
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "block_bytes": self.block_bytes, "act_bytes": self.act_bytes,
                 "input_bytes": self.input_bytes, "hop_ms": self.hop_ms(), "errors": self.errors,
                 "client_links": {w: {"rate_bps": r, "rtt_ms": t} for w, (r, t) in self.client_links.items()},
-                "workers": {n: {"device": w.device, "slowdown": w.slowdown, "memory_budget_bytes": w.memory_budget_bytes,
+                "workers": {n: {"device": w.device, "slowdown": w.slowdown,
+                                "memory_budget_bytes": w.memory_budget_bytes,
                                 "profiles": {str(b): ms for b, ms in w.profiles.items()},
                                 "links": {p: {"rate_bps": r, "rtt_ms": t} for p, (r, t) in w.links.items()}}
                             for n, w in self.workers.items()}}
@@ -127,11 +153,12 @@ def deploy_args(placement: Placement) -> tuple[list[tuple[str, int, int]], list[
             links.append(None)
         else:
             name, _, budget = hop.codec.rpartition("@")
-            links.append({"codec": name, "budget": int(budget)})
+            links.append({"codec": name, "budget": None if budget == "full" else int(budget)})
     return stages, links
 
 
-def compare(placement: Placement, workers: Sequence[WorkerInfo], model: str, hop_ms: float = 0.0) -> list[dict[str, Any]]:
+def compare(placement: Placement, workers: Sequence[WorkerInfo], model: str,
+            hop_ms: float = 0.0) -> list[dict[str, Any]]:
     """Per stage and hop of a deployed placement: predicted ms beside what the workers measure now.
 
     Stage rows take the worker's median compute for the stage (``None`` until it ran); hop

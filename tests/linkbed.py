@@ -9,7 +9,8 @@ import contextlib
 import os
 import shutil
 import subprocess
-from typing import Iterator
+import sys
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -85,3 +86,27 @@ def limited_link(tag: str, net: int, rate_bytes_per_s: int, burst_bytes: int) ->
         yield link
     finally:
         bed.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def far_worker(ns: str, coordinator: str, address: str, store: str | os.PathLike[str], args: Sequence[str] = (),
+               log: str | os.PathLike[str] | None = None, name: str = "far") -> Iterator[subprocess.Popen]:
+    """A worker daemon inside namespace ``ns``, bound to ``address`` (any port), named ``name``.
+
+    ``args``: more worker flags (``--keys DIR`` or ``--insecure``: the address is not loopback).
+    Its output goes to ``log`` (default: ``<store>.log``). Stopped on exit (killed after 10 s).
+    """
+    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
+    with open(log or f"{store}.log", "wb") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
+             coordinator, "--bind", f"tcp://{address}:*", "--name", name, "--store", str(store),
+             "--torch-threads", "1", *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

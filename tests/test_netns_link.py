@@ -14,13 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from linkbed import limited_link
+from linkbed import far_worker, limited_link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -63,17 +61,10 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
     near, far, ns = far_link
     root, man, codec = tiny_vit_store
     cut = 3  # embed + 2 blocks on w0, the rest behind the slow link
-    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
     # keyed, as boards on a network are: CURVE on every socket, across the namespaces
     lc = LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1, keyed=True), store=root)
     far_keys = lc.add_key("far", "worker")
-    with lc:
-        far_log = open(tmp_path / "far.log", "wb")
-        far_proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
-             lc.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / "far"),
-             "--torch-threads", "1", "--keys", str(far_keys)], stdout=far_log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+    with lc, far_worker(ns, lc.endpoint, far, tmp_path / "far", ["--keys", str(far_keys)]):
         try:
             cl = Client(ClientConfig(coordinator=lc.endpoint, timeout_ms=60_000, keys=str(lc.key_dir("operator"))))
             cl.wait_for_workers(2, timeout_s=30)
@@ -135,12 +126,6 @@ def test_budget_change_speeds_up_a_slow_link(far_link, tiny_vit_store, tmp_path,
             assert small_bytes < nbytes < full_bytes
         finally:
             cl.close()
-            far_proc.terminate()
-            try:
-                far_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                far_proc.kill()
-            far_log.close()
 
 
 @pytest.mark.timeout(240)
@@ -151,16 +136,9 @@ def test_link_probes_measure_the_token_bucket_rate(far_link, tiny_vit_store, tmp
     near, far, ns = far_link
     root = tmp_path / "store"  # the store without the first test's plans and worker-key bindings (new keys here)
     shutil.copytree(tiny_vit_store[0], root, ignore=shutil.ignore_patterns("plans"))
-    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
     lc = LocalCluster(LocalClusterConfig(workers=1, host=near, port=0, torch_threads=1, keyed=True), store=root)
     far_keys = lc.add_key("far", "worker")
-    with lc:
-        far_log = open(tmp_path / "far.log", "wb")
-        far_proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
-             lc.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / "far"),
-             "--torch-threads", "1", "--keys", str(far_keys)], stdout=far_log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+    with lc, far_worker(ns, lc.endpoint, far, tmp_path / "far", ["--keys", str(far_keys)]):
         try:
             cl = Client(ClientConfig(coordinator=lc.endpoint, control_timeout_ms=120_000,
                                      keys=str(lc.key_dir("operator"))))
@@ -176,9 +154,3 @@ def test_link_probes_measure_the_token_bucket_rate(far_link, tiny_vit_store, tmp
             assert out_of_far > 4 * RATE_BYTES_PER_S  # the bucket limits one direction only
         finally:
             cl.close()
-            far_proc.terminate()
-            try:
-                far_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                far_proc.kill()
-            far_log.close()

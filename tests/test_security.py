@@ -163,6 +163,7 @@ def test_users_cannot_register_fetch_deploy_or_read_the_registry(keyed, model_st
                 P.encode(Msg.UNDEPLOY, P.new_rid(), 3000, {"body": {"model": MODEL}}),
                 P.encode(Msg.LINK, P.new_rid(), 3000, {"body": {"model": MODEL, "cut": 0, "link": {}}}),
                 P.encode(Msg.PREFETCH, P.new_rid(), 3000, {"body": {"model": MODEL}}),
+                P.encode(Msg.MEASURE, P.new_rid(), 3000, {"body": {"model": MODEL}}),  # would make boards profile
                 P.encode(Msg.WORKERS, P.new_rid(), 3000), P.encode(Msg.MODELS, P.new_rid(), 3000)):
             reply = user.ask(frames)
             assert reply is not None and reply.type == Msg.ERROR and reply.get("err")[0] == Err.FORBIDDEN, reply
@@ -172,6 +173,8 @@ def test_users_cannot_register_fetch_deploy_or_read_the_registry(keyed, model_st
     with lc.client(keys=str(lc.key_dir("user"))) as cl:
         with pytest.raises(Forbidden):
             cl.deploy(MODEL, n_stages=1)
+        with pytest.raises(Forbidden):
+            cl.deploy(MODEL)  # the planned deploy measures first: refused there
     assert _state(lc, ctl) == before
     _valid_request(lc, model_store)
 

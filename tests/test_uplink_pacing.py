@@ -25,13 +25,11 @@ import concurrent.futures
 import contextlib
 import os
 import random
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
-from linkbed import limited_link
+from linkbed import far_worker, limited_link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -89,36 +87,24 @@ def _cluster(far_link, store_root, tmp_path, scheduler: str):
                                           plan_dir=str(tmp_path / f"plans-{scheduler}"), scheduler=scheduler,
                                           uplink_bytes=RATE_BYTES_PER_S, admission_window_ms=WINDOW_MS,
                                           insecure=True)).start()  # open, so the timings are the uplink's alone
-    env = {**os.environ, "EDGESPLIT_PARENT_PID": str(os.getpid())}
-    far_log = open(tmp_path / f"far-{scheduler}.log", "wb")
-    far_proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "edgesplit.runtime.cli", "worker", "--coordinator",
-         coord.endpoint, "--bind", f"tcp://{far}:*", "--name", "far", "--store", str(tmp_path / f"far-{scheduler}"),
-         "--torch-threads", "1", "--queue-depth", "64", "--insecure"],
-        stdout=far_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     clients: list = []
     try:
-        ctl = Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
-        clients.append(ctl)
-        ctl.wait_for_workers(1, timeout_s=30)
-        ctl.deploy(MODEL, stages=[("far", 0, 4)])
-        users = [ctl] + [Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
-                         for _ in range(N_USERS - 1)]
-        clients[1:] = users[1:]
-        x = torch.zeros(1, N_FLOATS)
-        for cl in users:  # one at a time: each takes the link alone
-            assert torch.equal(cl.submit(MODEL, x).result(timeout=30), x + 4)
-        yield users
+        with far_worker(ns, coord.endpoint, far, tmp_path / f"far-{scheduler}", ["--queue-depth", "64", "--insecure"]):
+            ctl = Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
+            clients.append(ctl)
+            ctl.wait_for_workers(1, timeout_s=30)
+            ctl.deploy(MODEL, stages=[("far", 0, 4)])
+            users = [ctl] + [Client(ClientConfig(coordinator=coord.endpoint, timeout_ms=60_000, insecure=True))
+                             for _ in range(N_USERS - 1)]
+            clients[1:] = users[1:]
+            x = torch.zeros(1, N_FLOATS)
+            for cl in users:  # one at a time: each takes the link alone
+                assert torch.equal(cl.submit(MODEL, x).result(timeout=30), x + 4)
+            yield users
     finally:
         for cl in clients:
             cl.close()
         coord.stop()
-        far_proc.terminate()
-        try:
-            far_proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            far_proc.kill()
-        far_log.close()
 
 
 @dataclass

@@ -90,8 +90,9 @@ class WorkerConfig:
                                 "inject inputs and read activations; logged every minute)")
     crash_after: int = opt(0, "fault injection: exit abruptly after computing N requests (0 = off)")
     stall_ms: int = opt(0, "fault injection: sleep this long before each compute (0 = off)")
-    slowdown: float = opt(1.0, "emulate a slower board: every forward pass (and profile) takes this many times as "
-                               "long, the extra spent asleep (tests and benchmarks of placement; 1 = off)")
+    slowdown: float = opt(1.0, "emulate a slower board: every forward pass (and profile) takes this many times the "
+                               "CPU time, the extra spent asleep (tests and benchmarks of placement, with "
+                               "--torch-threads 1; 1 = off)")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
 
 

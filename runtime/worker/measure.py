@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 MAX_BATCHES = 8  # batch sizes one order may ask to profile
 MAX_TARGETS = 32  # links one order may ask to probe
 MAX_PROBE_S = 5.0
+MAX_PENDING = 4  # orders queued here at once (the coordinator sends one at a time; this bounds anyone else)
 
 
 class Measurer:
@@ -48,7 +50,8 @@ class Measurer:
             if manifest.name != model:
                 raise ProtocolError(f"bad message: MEASURE of {model} carries a manifest of {manifest.name}")
             batches = P.body_get(body, "batches", list, [1])
-            if not (1 <= len(batches) <= MAX_BATCHES and all(type(b) is int and 1 <= b <= P.MAX_BATCH for b in batches)):
+            if not (1 <= len(batches) <= MAX_BATCHES
+                    and all(type(b) is int and 1 <= b <= P.MAX_BATCH for b in batches)):
                 raise ProtocolError(f"bad message: batches is 1..{MAX_BATCHES} sizes in [1, {P.MAX_BATCH}]")
             reps = P.body_get(body, "reps", int, 10)
             if not 1 <= reps <= 100:
@@ -64,19 +67,29 @@ class Measurer:
         except (EdgesplitError, UnicodeDecodeError, ValueError, TypeError, IndexError) as e:
             _reply(sock, P.encode_error(msg.rid, Err.BAD_INPUT, f"worker {w.name}: bad MEASURE: {e}"))
             return
-        self.active[msg.rid] = self.pool.submit(self._measure, manifest, batches, reps, targets, probe_s, refresh)
+        if len(self.active) >= MAX_PENDING:
+            _reply(sock, P.encode_error(msg.rid, Err.OVERLOADED, f"worker {w.name}: {len(self.active)} MEASURE "
+                                                                  "orders are queued already"))
+            return
+        deadline = time.monotonic() + msg.budget_ms / 1000.0
+        self.active[msg.rid] = self.pool.submit(self._measure, manifest, batches, reps, targets, probe_s, refresh,
+                                                deadline)
 
     def _measure(self, manifest: ModelManifest, batches: list[int], reps: int,
-                 targets: list[tuple[str, str | None]], probe_s: float, refresh: bool) -> dict[str, Any]:
+                 targets: list[tuple[str, str | None]], probe_s: float, refresh: bool,
+                 deadline: float) -> dict[str, Any]:
         w = self.w
-        profiles = profile(manifest, w.device, w.store.root, batches, reps, w.cfg.slowdown, refresh)
+        if time.monotonic() > deadline:  # its asker gave up while older orders ran: do not spend the board on it
+            raise RuntimeFailure("the order's deadline passed while it waited for its turn; nothing was measured")
+        profiles = profile(manifest, w.device, w.store.root, batches, reps, w.cfg.slowdown, refresh,
+                           budget_bytes=w.cfg.memory_budget_bytes)
         links = []
         for endpoint, key in targets:
             if endpoint == w.endpoint:
                 continue
             try:
                 r = probe_link(w.ctx, endpoint, probe_s, w.sec if w.sec.keyed else None, key)
-                links.append([endpoint, r.rate_bps if r.rate_bps != float("inf") else 0.0, round(r.rtt_ms, 4)])
+                links.append([endpoint, r.rate_bps, round(r.rtt_ms, 4)])  # inf: too fast to time, not a failure
                 self.log.info("link to %s: %.2f MiB/s, round trip %.2f ms", endpoint, r.rate_bps / 2**20, r.rtt_ms)
             except (RuntimeFailure, ProtocolError, zmq.ZMQError) as e:
                 self.log.warning("link probe to %s failed: %s", endpoint, e)

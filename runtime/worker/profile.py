@@ -1,8 +1,8 @@
 """Block profiles measured on this worker's own device: what the planner weighs boards by.
 
 Times come from this board, not from the machine that partitioned the model, and are
-taken the way compute runs: warm, repeated, block after block, the median kept, with the
-worker's slowdown setting applied. Weights are random (timing does not depend on their
+taken the way compute runs: warm, repeated, block after block, the median kept, scaled by
+the worker's slowdown setting. Weights are random (timing does not depend on their
 values), so a board profiles a model before holding any of its blocks.
 Profiles are cached in the worker's store per model structure, device, threads, slowdown,
 batch and torch version: asking again is free.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,17 +28,24 @@ log = logging.getLogger("edgesplit.worker.profile")
 
 
 def slowed(forward: Callable[[], torch.Tensor], slowdown: float, device: torch.device) -> torch.Tensor:
-    """Run ``forward``; with ``slowdown`` > 1, then sleep so the whole takes that many times as long.
+    """Run ``forward``; with ``slowdown`` > 1, then sleep (slowdown - 1) times the CPU time it took.
 
-    Emulates a slower board on one machine without using more CPU (tests, benchmarks).
+    Emulates a board ``slowdown`` times slower than this one without using more CPU (tests,
+    benchmarks). The CPU time of this thread, not the wall time, is scaled: time spent waiting
+    for a core or the GIL while other processes run is added once, as on a real slower board,
+    not multiplied. Meant for one torch thread (``--torch-threads 1``): the CPU time of other
+    intra-op threads is not counted. On CUDA the wall time is scaled (the GPU's is not this thread's).
     """
     if slowdown <= 1.0:
         return forward()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     y = forward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
+        busy = time.perf_counter() - t0
+    else:
+        busy = time.thread_time() - c0
+    time.sleep((slowdown - 1.0) * busy)
     return y
 
 
@@ -70,34 +78,56 @@ def _randomise(block: nn.Module, device: torch.device) -> nn.Module:
     return block.eval()
 
 
+def _chunks(manifest: ModelManifest, budget_bytes: int) -> list[range]:
+    """Runs of consecutive blocks whose weights fit ``budget_bytes`` together (a block alone, if it does not)."""
+    out, start, held = [], 0, 0
+    for i, b in enumerate(manifest.blocks):
+        if i > start and budget_bytes > 0 and held + b.size_bytes > budget_bytes:
+            out.append(range(start, i))
+            start, held = i, 0
+        held += b.size_bytes
+    out.append(range(start, manifest.n_blocks))
+    return out
+
+
 @torch.inference_mode()
 def time_blocks(manifest: ModelManifest, device: torch.device, batch: int = 1, reps: int = 10,
-                slowdown: float = 1.0, warmup: int = 2) -> list[float]:
+                slowdown: float = 1.0, warmup: int = 2, budget_bytes: int = 0) -> list[float]:
     """Median forward ms of every block of ``manifest`` for one batch of ``batch`` on ``device``.
 
-    Each run passes the input through every block in order, as a pipeline stage does, and
+    Each run passes the input through the blocks in order, as a pipeline stage does, and
     times each block within the pass: a block timed over and over on its own finds its
     weights in the CPU's caches, which a stage running block after block does not (on a
     2-core x86, a 14-block ViT's isolated block times summed to 15 % under its full pass).
-    The model is held whole for the passes (random weights; freed at the end).
+    Blocks are held a run at a time, as many as ``budget_bytes`` of weights allow (the
+    worker's memory budget; 0 = the whole model), with random weights, freed after.
     """
-    blocks = [_randomise(stage_skeleton(manifest, i, i + 1, device), device) for i in range(manifest.n_blocks)]
-    x0 = torch.randn(batch, *manifest.input_shape, device=device)
-    times: list[list[float]] = [[] for _ in blocks]
-    for run in range(warmup + max(1, reps)):
-        x = x0
-        for i, block in enumerate(blocks):
-            t0 = time.perf_counter()
-            x = slowed(lambda: block(x), slowdown, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if run >= warmup:
-                times[i].append(1000 * (time.perf_counter() - t0))
-    return [sorted(t)[len(t) // 2] for t in times]
+    x_in = torch.randn(batch, *manifest.input_shape, device=device)
+    extra = max(0.0, slowdown - 1.0)
+    out: list[float] = []
+    for span in _chunks(manifest, budget_bytes):
+        blocks = [_randomise(stage_skeleton(manifest, i, i + 1, device), device) for i in span]
+        times: list[list[float]] = [[] for _ in blocks]
+        for run in range(warmup + max(1, reps)):
+            x = x_in
+            for i, block in enumerate(blocks):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                x = block(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                wall = time.perf_counter() - t0
+                busy = wall if device.type == "cuda" else time.thread_time() - c0
+                if run >= warmup:  # what :func:`slowed` makes of it, without sleeping after every block (a
+                    times[i].append(1000 * (wall + extra * busy))  # wake-up per block made a profile a third slow)
+        out += [sorted(t)[len(t) // 2] for t in times]
+        x_in = x  # the next run of blocks starts from this one's output
+        del blocks
+    return out
 
 
 def profile(manifest: ModelManifest, device: torch.device, store_root: str | Path, batches: list[int],
-            reps: int = 10, slowdown: float = 1.0, refresh: bool = False) -> dict[int, list[float]]:
+            reps: int = 10, slowdown: float = 1.0, refresh: bool = False,
+            budget_bytes: int = 0) -> dict[int, list[float]]:
     """Per batch size, the block times of ``manifest`` here (read from the cache unless ``refresh``)."""
     folder = Path(store_root) / "profiles"
     out = {}
@@ -107,13 +137,13 @@ def profile(manifest: ModelManifest, device: torch.device, store_root: str | Pat
             try:
                 cached = json.loads(path.read_text())
                 if (isinstance(cached, list) and len(cached) == manifest.n_blocks
-                        and all(isinstance(v, (int, float)) and v >= 0 for v in cached)):
+                        and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in cached)):
                     out[batch] = [float(v) for v in cached]
                     continue
             except (OSError, ValueError):
                 pass
         t0 = time.monotonic()
-        out[batch] = time_blocks(manifest, device, batch, reps, slowdown)
+        out[batch] = time_blocks(manifest, device, batch, reps, slowdown, budget_bytes=budget_bytes)
         log.info("profiled %s at batch %d on %s: %.1f ms over %d blocks (took %.1f s)", manifest.name, batch,
                  device, sum(out[batch]), manifest.n_blocks, time.monotonic() - t0)
         try:

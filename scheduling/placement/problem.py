@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from ..errors import ScheduleError
 
-CLIENT = "client"  # the requester's name in ``link_rate``
+CLIENT = "<client>"  # the requester's name in ``link_rate`` (no worker name can be this: they start alphanumeric)
 OBJECTIVES = ("throughput", "latency")
 ACCURACY_TOL = 1e-9  # accuracy costs are float sums: the budget check allows this much
 
