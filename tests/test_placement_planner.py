@@ -318,7 +318,7 @@ def test_problem_validation(kwargs, msg):
 def test_profile_validation():
     with pytest.raises(PlacementError, match="block_ms\\[1\\]"):
         WorkerProfile("a", (1.0, -2.0))
-    with pytest.raises(PlacementError, match="other than 'client'"):
+    with pytest.raises(PlacementError, match="other than '<client>'"):
         WorkerProfile(CLIENT, (1.0,))
     with pytest.raises(PlacementError, match="accuracy_cost"):
         CutCodec("q", 1, 10, accuracy_cost=-1.0)

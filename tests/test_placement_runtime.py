@@ -138,4 +138,4 @@ def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
     act_bytes = 2 * 17 * 192 * 4  # 2 x (16 patches + class token) x 192 wide, float32
     to_compute = act_bytes / (stage_ms / 1000)  # what timing to the ACK (after w2's compute) would report
     print(f"\nw0 -> w2 measured {rate / 1e6:.1f} MB/s; bytes / w2's stage time {to_compute / 1e6:.2f} MB/s")
-    assert rate > 10 * to_compute
+    assert rate > 3 * to_compute  # timed to the ACK it could not exceed 1x: the ACK follows w2's compute
