@@ -124,7 +124,7 @@ def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
 
     cl = slow_cluster.client(timeout_ms=30_000)
     cl.deploy("vit6", stages=[("w0", 0, 2), ("w2", 2, 8)])
-    x = torch.randn(2, 3, 64, 64)  # 2 samples: 26 kB per message, above the meter's 16 KiB floor
+    x = torch.randn(8, 3, 64, 64)  # 8 samples: 104 kB per message, and a stage long against its transfer
     for _ in range(12):
         cl.infer("vit6", x)
     deadline = time.monotonic() + 5
@@ -135,7 +135,7 @@ def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
         if (rate and stage_ms) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    act_bytes = 2 * 17 * 192 * 4  # 2 x (16 patches + class token) x 192 wide, float32
+    act_bytes = 8 * 17 * 192 * 4  # 8 x (16 patches + class token) x 192 wide, float32
     to_compute = act_bytes / (stage_ms / 1000)  # what timing to the ACK (after w2's compute) would report
     print(f"\nw0 -> w2 measured {rate / 1e6:.1f} MB/s; bytes / w2's stage time {to_compute / 1e6:.2f} MB/s")
     assert rate > 3 * to_compute  # timed to the ACK it could not exceed 1x: the ACK follows w2's compute
