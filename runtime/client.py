@@ -329,6 +329,7 @@ class Client:
         and probes its link to every other listed worker for ``probe_s`` seconds; workers on
         one host take turns. This client then probes its own link to each worker.
         """
+        self.coordinator()  # a coordinator that does not answer fails within the control timeout, not MEASURE's
         body: dict[str, Any] = {"model": model, "batches": [int(b) for b in batches], "reps": int(reps),
                                 "probe_s": float(probe_s), "refresh": bool(refresh)}
         if workers is not None:
