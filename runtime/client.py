@@ -336,12 +336,12 @@ class Client:
             body["workers"] = list(workers)
         msg = self._call(Msg.MEASURE, {"body": body}, timeout_ms=timeout_ms or MEASURE_TIMEOUT_MS,
                          what=f"measuring {model}")
-        m = Measurements.from_msg(P.unpack_blob(msg.blob(0)) if msg.specs else None)
+        answer = P.unpack_blob(msg.blob(0)) if msg.specs else None
+        m = Measurements.from_msg(answer)
         if not m.workers:
             raise DeployError(f"no worker measured {model}: " + "; ".join(f"{w}: {e}" for w, e in m.errors.items()))
-        endpoints = P.unpack_blob(msg.blob(0)).get("endpoints", {})
         for name in m.workers:
-            endpoint, key = endpoints[name]
+            endpoint, key = answer["endpoints"][name]
             try:
                 r = probe_link(self.ctx, endpoint, probe_s, self.sec if self.sec.keyed else None, key or None)
                 m.client_links[name] = (r.rate_bps, r.rtt_ms)

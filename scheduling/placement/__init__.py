@@ -21,7 +21,7 @@ total of codec costs within the budget, so the budget and the "lower accuracy co
 stay exact. ``brute_force_placement`` enumerates every plan (the test oracle);
 ``evaluate_placement`` prices a given plan (e.g. the equal-block split). All three add in path
 order with the same float operations, so their numbers agree to the bit.
-Pure: no sockets, no torch, nothing from ``edgesplit.runtime``.
+Pure: no sockets, no torch, nothing of the runtime package (it imports this one).
 
 Layout, one job per module:
 
