@@ -31,3 +31,7 @@ class BlockHashMismatch(EdgesplitError, ValueError):
 
 class ManifestError(EdgesplitError, ValueError):
     """A model manifest is missing, malformed, or inconsistent with the store."""
+
+
+class UsageError(EdgesplitError, ValueError):
+    """The user asked for something invalid (a flag, a split, an endpoint, a file): the CLI exits 2, writes nothing."""

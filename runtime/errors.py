@@ -7,7 +7,7 @@ actual, and the next step.
 """
 from __future__ import annotations
 
-from edgesplit.partitioner.errors import EdgesplitError
+from edgesplit.partitioner.errors import EdgesplitError, UsageError
 
 
 class RuntimeFailure(EdgesplitError):
@@ -94,7 +94,7 @@ class DeployError(RuntimeFailure):
     code_name = "DEPLOY_FAILED"
 
 
-class ConfigError(RuntimeFailure, ValueError):
+class ConfigError(RuntimeFailure, UsageError):
     """A configuration value or file is invalid (unknown key, bad size, bad endpoint)."""
 
     code_name = "INTERNAL"
