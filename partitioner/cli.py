@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .blocks import decompose
 from .builders import timm_recipe
-from .errors import EdgesplitError
-from .layerwise import cut, even_splits, partition
+from .errors import UnsupportedModelError, UsageError
+from .layerwise import cut, even_splits, model_input_shape, partition
 from .manifest import ModelManifest
-from .store import BlockStore
+from .store import MODEL_NAME, BlockStore, read_manifest
+from .weights import create_timm_model, load_weights, pretrained_record, timm_data_config
 
 
 def human_bytes(n: float) -> str:
@@ -33,7 +36,7 @@ def parse_kwargs(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise EdgesplitError(f"--kwarg takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--kwarg takes KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -42,10 +45,42 @@ def parse_kwargs(items: list[str]) -> dict[str, Any]:
 
 
 def parse_splits(text: str) -> list[int]:
+    """``"4,8"`` -> ``[4, 8]``, in the order given (``check_splits`` says whether they make stages).
+
+    Every item must be a number: an empty one (``4,,8``, ``,``, ``""``) is a typo, and dropping it
+    would store fewer stages than the user asked for.
+    """
+    items = [s.strip() for s in text.split(",")]
+    if not text.strip() or "" in items:
+        raise UsageError(f"--split {text!r} has an empty item; it takes block indices like 4,8 (omit --split for "
+                         "one stage)")
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in items]
     except ValueError:
-        raise EdgesplitError(f"--split takes block indices like 4,8; got {text!r}") from None
+        raise UsageError(f"--split takes block indices like 4,8; got {text!r}") from None
+
+
+def check_splits(splits: list[int], n_blocks: int, model: str) -> None:
+    """Refuse split points that do not cut ``n_blocks`` blocks into non-empty stages in order.
+
+    Raises:
+        UsageError: a point outside 1..n_blocks-1, or points not strictly increasing.
+    """
+    given = ",".join(map(str, splits))
+    out = [s for s in splits if not 1 <= s <= n_blocks - 1]
+    if out:
+        valid = f"1..{n_blocks - 1}" if n_blocks > 1 else "none (one block cannot be cut)"
+        raise UsageError(f"--split {given}: {out} out of range; {model} has {n_blocks} blocks, so split points "
+                         f"lie in {valid}")
+    if any(b <= a for a, b in zip(splits, splits[1:])):
+        raise UsageError(f"--split {given}: split points must be strictly increasing (every stage gets at least "
+                         f"one block), each in 1..{n_blocks - 1}")
+
+
+def check_stages(stages: int, n_blocks: int, model: str) -> None:
+    """Refuse a stage count the model's blocks cannot fill (each stage needs at least one block)."""
+    if not 1 <= stages <= n_blocks:
+        raise UsageError(f"--stages {stages}: {model} has {n_blocks} blocks, so 1..{n_blocks} stages")
 
 
 def format_table(manifest: ModelManifest, splits: list[int] | None = None) -> str:
@@ -59,7 +94,8 @@ def format_table(manifest: ModelManifest, splits: list[int] | None = None) -> st
         if i in starts:
             stage += 1
             prev = manifest.blocks[i - 1]
-            lines.append(f"{'':>3}  -- cut: stage {stage - 1} -> {stage}, {human_bytes(prev.act_bytes)}/sample (fp32) --")
+            lines.append(f"{'':>3}  -- cut: stage {stage - 1} -> {stage}, "
+                         f"{human_bytes(prev.act_bytes)}/sample (fp32) --")
         ms = f"{b.forward_ms:.2f}" if b.forward_ms is not None else "-"
         lines.append(f"{i:>3}  {b.name:<12} {b.n_params:>10,} {human_bytes(b.size_bytes):>10} "
                      f"{str(b.out_shape):<16} {human_bytes(b.act_bytes):>11} {ms:>8}")
@@ -71,49 +107,88 @@ def format_table(manifest: ModelManifest, splits: list[int] | None = None) -> st
 
 
 def add_partition_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224, resnet50 (random weights: no model hub)")
+    p.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224, resnet50")
     p.add_argument("--store", required=True, help="block store directory (created if missing)")
     p.add_argument("--name", default=None, help="name of the model in the store (default: the timm name)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--split", default="", help="block indices where a new stage starts, e.g. 4,8 gives 3 stages")
-    group.add_argument("--stages", type=int, default=0, help="cut into this many stages of equal block count instead")
+    group.add_argument("--split", default=None,
+                       help="block indices where a new stage starts, strictly increasing, each in 1..blocks-1, "
+                            "e.g. 4,8 gives 3 stages")
+    group.add_argument("--stages", type=int, default=None,
+                       help="cut into this many stages of equal block count instead (1..blocks)")
     p.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="timm create_model keyword, repeatable: --kwarg num_classes=10 --kwarg img_size=32")
-    p.add_argument("--weights", default=None, help="safetensors file of the model's state_dict to load (default: random init)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="load timm's pretrained weights from the Hugging Face hub (needs the network, or the "
+                              "weights in the local hub cache). Without --pretrained or --weights the weights are "
+                              "random and the outputs meaningless")
+    weights.add_argument("--weights", default=None, metavar="FILE",
+                         help="load weights from FILE: a safetensors state_dict, or a PyTorch/timm checkpoint "
+                              "(.pth/.pt/.bin/.pth.tar; read weights-only, never unpickled; a 'state_dict_ema', "
+                              "'model_ema', 'state_dict' or 'model' wrapper is unwrapped). Names and shapes must match")
     p.add_argument("--no-profile", action="store_true", help="skip timing each block's forward on this machine")
-    p.add_argument("--classwise", type=int, default=0, metavar="N",
-                   help="build a class-wise package of N per-class-group sub-models plus a fusion MLP instead of "
-                        "layer-wise blocks. Class-wise pruning needs labelled data: the model is built for and "
-                        "trained on scikit-learn digits (the only dataset shipped; 8x8 upsampled to 32x32, 1 "
-                        "channel, 10 classes; in_chans/num_classes/img_size are set for it) for --epochs epochs, "
-                        "unless --weights gives digits-trained weights. Stores <name>.g0..g<N-1>, the fusion "
-                        "<name> and the full model <name>.full, and prints a table per sub-model")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--classwise", type=int, default=None, metavar="N",
+                   help=f"build a class-wise package of N (1..{DIGITS_CLASSES}) per-class-group sub-models plus a "
+                        "fusion MLP instead of layer-wise blocks. Class-wise pruning needs labelled data: the model "
+                        "is built for and trained on scikit-learn digits (the only dataset shipped; 8x8 upsampled to "
+                        "32x32, 1 channel, 10 classes; in_chans/num_classes/img_size are set for it) for --epochs "
+                        "epochs, unless --weights gives digits-trained weights. Stores <name>.g0..g<N-1>, the "
+                        "fusion <name> and the full model <name>.full, and prints a table per sub-model")
     p.add_argument("--epochs", type=int, default=5, help="with --classwise: training epochs on digits (default 5)")
 
 
-def run_partition(args: argparse.Namespace) -> int:
-    import timm
-    from safetensors.torch import load_file
+RANDOM_WEIGHTS_NOTICE = "random weights (no --pretrained/--weights): outputs are meaningless"
 
-    if getattr(args, "classwise", 0):
+
+def run_partition(args: argparse.Namespace) -> int:
+    """``edgesplit partition``: check every argument against the model, then store it (nothing is written on error)."""
+    if getattr(args, "classwise", None) is not None:
         return run_partition_classwise(args)
     kwargs = parse_kwargs(args.kwarg)
-    if not timm.is_model(args.model):
-        raise EdgesplitError(f"timm has no model {args.model!r}; try `python -c \"import timm; print(timm.list_models('vit*'))\"`")
-    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    name = args.name or args.model
+    if not MODEL_NAME.fullmatch(name):
+        raise UsageError(f"--name {name!r}: a model name is letters, digits and . _ + - (at most 128), "
+                         "starting with a letter or digit")
+    splits = parse_splits(args.split) if args.split is not None else []
+    model = create_timm_model(args.model, kwargs, pretrained=args.pretrained)
     if args.weights:
-        model.load_state_dict(load_file(args.weights))
+        weights = load_weights(model, args.weights, args.model)
+    else:
+        weights = pretrained_record(model) if args.pretrained else {"source": "random"}
+    try:
+        n_blocks = len(decompose(model))
+    except UnsupportedModelError as e:
+        raise UsageError(str(e)) from None
+    if args.stages is not None:  # 0 is a mistake, not "absent"
+        check_stages(args.stages, n_blocks, args.model)
+        splits = even_splits(n_blocks, args.stages)
+    check_splits(splits, n_blocks, args.model)
+    shape = model_input_shape(model)
+    data_config = timm_data_config(model, shape)
+    extra = {"weights": weights, **({"data_config": data_config} if data_config else {}),
+             **({"splits": splits} if splits else {})}
+    # checked: from here on the store is written
+    if weights["source"] == "random":
+        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
     store = BlockStore(args.store)
-    manifest = partition(model, args.name or args.model, timm_recipe(args.model, **kwargs), store,
-                         profile=not args.no_profile)
-    splits = parse_splits(args.split) if args.split else even_splits(manifest.n_blocks, args.stages) if args.stages else []
-    cut(manifest.name, manifest.n_blocks, splits)  # validate before printing
-    if splits:
-        store.put_manifest(ModelManifest(**{**manifest.__dict__, "extra": {**manifest.extra, "splits": splits}}))
+    with _progress(n_blocks, "storing and timing blocks" if not args.no_profile else "storing blocks",
+                   args.quiet) as bar:
+        manifest = partition(model, name, timm_recipe(args.model, **kwargs), store, input_shape=shape,
+                             profile=not args.no_profile, extra=extra, progress=lambda block: bar.update(1))
     print(format_table(manifest, splits))
     print(f"\nstored {manifest.n_blocks} blocks and manifest {manifest.name!r} in {store.root} "
-          f"(store now {human_bytes(store.size_bytes())})")
+          f"(store now {human_bytes(store.size_bytes())}); weights: {weights['source']}")
     return 0
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    """A tqdm bar on stderr, off when asked or when stderr is not a terminal (logs, pipes, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,20 +198,32 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """``edgesplit inspect``: a stored model's table and which of its blocks the store holds; creates nothing."""
     from pathlib import Path
 
     path = Path(args.manifest)
+    store: BlockStore | None
     if path.is_file():
-        manifest = ModelManifest.from_json(path.read_text())
-        store = BlockStore(args.store or path.parent.parent)
+        manifest = read_manifest(path)
+        try:
+            store = BlockStore(args.store or path.parent.parent, create=False)
+        except UsageError:
+            if args.store:
+                raise
+            store = None  # a manifest outside any store: its table only
     elif args.store:
-        store = BlockStore(args.store)
+        store = BlockStore(args.store, create=False)
         manifest = store.manifest(args.manifest)
     else:
-        raise EdgesplitError(f"{args.manifest} is not a file; give a manifest path or a model name with --store")
+        raise UsageError(f"{args.manifest} is not a file; give a manifest path or a model name with --store")
     print(format_table(manifest, manifest.extra.get("splits")))
+    weights = manifest.extra.get("weights", {}).get("source", "unrecorded")
+    print(f"\nweights: {weights}" + (" (outputs are meaningless)" if weights == "random" else ""))
+    if store is None:
+        print(f"{path} is not inside a block store; pass --store DIR to check its blocks")
+        return 0
     missing = store.missing(manifest)
-    print(f"\nblocks in store {store.root}: {manifest.n_blocks - len(missing)}/{manifest.n_blocks}")
+    print(f"blocks in store {store.root}: {manifest.n_blocks - len(missing)}/{manifest.n_blocks}")
     if args.verify:
         for b in manifest.blocks:
             if b.id not in missing:
@@ -148,6 +235,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 # --- class-wise packages on digits --------------------------------------------------------------
 
 DIGITS_TEST_FRACTION = 0.2  # fixed stratified split, random_state 0
+DIGITS_CLASSES = 10  # sklearn digits: 0..9, so a class-wise package has 1..10 groups
 
 
 def digits_split(size_px: int = 32) -> tuple[Any, Any, Any, Any]:
@@ -171,7 +259,7 @@ def digits_split(size_px: int = 32) -> tuple[Any, Any, Any, Any]:
 
 def digits_kwargs(model: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm keywords that make ``model`` take digits: 1 channel, 10 classes, 32 px (ViT); user keys win."""
-    out: dict[str, Any] = {"in_chans": 1, "num_classes": 10}
+    out: dict[str, Any] = {"in_chans": 1, "num_classes": DIGITS_CLASSES}
     if model.startswith(("vit", "deit")):
         out["img_size"] = 32
     return {**out, **(kwargs or {})}
@@ -203,28 +291,29 @@ def build_digits_package(model: str, name: str, store: BlockStore, n_groups: int
         epochs: full-model training epochs; sub-model retraining gets half, the fusion 4x (it is cheap).
         seed: seeds the weights and every training run.
         kwargs: extra timm keywords (``digits_kwargs`` adds the digits ones).
-        weights: safetensors state_dict of a digits-trained model; skips training.
+        weights: weights file (safetensors or a weights-only PyTorch checkpoint) of a digits-trained model;
+            skips training.
         config: a ``ClasswiseConfig`` overriding the epoch-derived one.
     Returns:
         The package and its held-out accuracies.
     """
     import timm
     import torch
-    from safetensors.torch import load_file
 
     from . import classwise as cw
 
     if not timm.is_model(model):
-        raise EdgesplitError(f"timm has no model {model!r}; try vit_tiny_patch16_224 or resnet18")
+        raise UsageError(f"timm has no model {model!r}; try vit_tiny_patch16_224 or resnet18")
     if epochs < 1:
-        raise EdgesplitError(f"--epochs must be at least 1, got {epochs}")
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    check_groups_count(n_groups)  # before minutes of training, not after
     kw = digits_kwargs(model, kwargs)
     x_tr, y_tr, x_te, y_te = digits_split()
     torch.manual_seed(seed)
     full = timm.create_model(model, pretrained=False, **kw)
     recipe = timm_recipe(model, **kw)
     if weights:
-        full.load_state_dict(load_file(weights))
+        load_weights(full, weights, model)
     else:
         cw.train_classifier(full, lambda g: (x_tr, y_tr), cw.TrainConfig(epochs=epochs, seed=seed))
     full.eval()
@@ -232,7 +321,8 @@ def build_digits_package(model: str, name: str, store: BlockStore, n_groups: int
     cfg = config or cw.ClasswiseConfig(retrain=cw.TrainConfig(epochs=max(1, epochs // 2), seed=seed),
                                        fusion=cw.TrainConfig(epochs=4 * epochs, lr=3e-3, weight_decay=1e-2,
                                                              label_smoothing=0.0, seed=seed))
-    pkg = cw.split_classwise(full, recipe, name, store, x_tr, y_tr, n_groups=n_groups, n_classes=10, config=cfg)
+    pkg = cw.split_classwise(full, recipe, name, store, x_tr, y_tr, n_groups=n_groups, n_classes=DIGITS_CLASSES,
+                             config=cfg)
     full_acc = float((cw.predict(full, x_te).argmax(1) == y_te).float().mean())
     pkg_acc = float((cw.classwise_predict(store, name, x_te).argmax(1) == y_te).float().mean())
     return DigitsPackage(pkg, f"{name}.full", sum(p.numel() for p in full.parameters()), full_acc, pkg_acc,
@@ -257,18 +347,52 @@ def format_classwise_table(built: DigitsPackage, store: BlockStore) -> str:
     return "\n".join(lines)
 
 
+def check_groups_count(n_groups: int) -> None:
+    """Refuse a group count digits cannot fill: every group needs at least one of its 10 classes."""
+    if not 1 <= n_groups <= DIGITS_CLASSES:
+        raise UsageError(f"--classwise {n_groups}: digits has {DIGITS_CLASSES} classes, so 1..{DIGITS_CLASSES} "
+                         "class groups (one sub-model each)")
+
+
+def check_classwise_model(model: Any, arch: str) -> None:
+    """Refuse a model class-wise pruning cannot rebuild, before training it (the pruner would refuse it after)."""
+    from .classwise import _family
+    from .prune_resnet import _check_resnet
+    from .prune_vit import _check_vit
+
+    try:
+        (_check_vit if _family(model) == "vit" else _check_resnet)(model)
+    except UnsupportedModelError as e:
+        raise UsageError(f"--classwise cannot split {arch}: {e}") from None
+
+
 def run_partition_classwise(args: argparse.Namespace) -> int:
     """``edgesplit partition MODEL --classwise N``: train on digits, split class-wise, print the table."""
-    if args.split or args.stages:
-        raise EdgesplitError("--classwise builds sub-models, not layer-wise stages; drop --split/--stages "
-                             "(each sub-model is deployed whole)")
-    store = BlockStore(args.store)
+    if args.split is not None or args.stages is not None:
+        raise UsageError("--classwise builds sub-models, not layer-wise stages; drop --split/--stages "
+                         "(each sub-model is deployed whole)")
+    if args.pretrained:
+        raise UsageError("--classwise trains on digits (1 channel, 10 classes); --pretrained ImageNet weights do "
+                         "not fit it: pass --weights FILE of a digits-trained model, or neither")
+    kwargs = parse_kwargs(args.kwarg)
     name = args.name or args.model
+    if not MODEL_NAME.fullmatch(name):
+        raise UsageError(f"--name {name!r}: a model name is letters, digits and . _ + - (at most 128)")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    check_groups_count(args.classwise)
+    # a wrong name, --kwarg, model family or weights file: refused before the store is created or training starts
+    probe = create_timm_model(args.model, digits_kwargs(args.model, kwargs))
+    check_classwise_model(probe, args.model)
+    if args.weights:
+        load_weights(probe, args.weights, args.model)
+    del probe
+    store = BlockStore(args.store)
     print(f"class-wise needs labelled data: training {args.model} on scikit-learn digits "
           + ("(weights from " + args.weights + ")" if args.weights else f"for {args.epochs} epochs")
           + f", then {args.classwise} class groups ...", flush=True)
     built = build_digits_package(args.model, name, store, args.classwise, epochs=args.epochs,
-                                 kwargs=parse_kwargs(args.kwarg), weights=args.weights)
+                                 kwargs=kwargs, weights=args.weights)
     print(format_classwise_table(built, store))
     print(f"\nheld-out digits accuracy: full model {built.full_accuracy:.1%}, class-wise package "
           f"{built.package_accuracy:.1%}")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .blocks import NamedBlock, decompose
 from .builders import build_skeleton
-from .errors import ManifestError, MissingBlocksError
+from .errors import ManifestError, MissingBlocksError, UsageError
 from .manifest import BlockEntry, ModelManifest
 from .store import BlockStore
 
@@ -79,7 +79,7 @@ def even_splits(n_blocks: int, n_stages: int) -> list[int]:
     return [round(i * n_blocks / n_stages) for i in range(1, n_stages)]
 
 
-def _input_shape(model: nn.Module) -> list[int]:
+def model_input_shape(model: nn.Module) -> list[int]:
     """Per-sample input shape from the model itself (image size of a ViT, channels of the first conv)."""
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -103,7 +103,7 @@ def _time_ms(module: nn.Module, x: torch.Tensor, reps: int) -> float:
 @torch.no_grad()
 def partition(model: nn.Module, name: str, recipe: dict[str, Any], store: BlockStore,
               input_shape: list[int] | None = None, profile: bool = True, reps: int = 3,
-              extra: dict[str, Any] | None = None) -> ModelManifest:
+              extra: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None) -> ModelManifest:
     """Store ``model`` as blocks plus a manifest; return the manifest.
 
     Args:
@@ -115,9 +115,11 @@ def partition(model: nn.Module, name: str, recipe: dict[str, Any], store: BlockS
         profile: time each block's forward at batch 1 on this machine.
         reps: timed repetitions per block (median is kept).
         extra: free-form JSON-safe data kept in the manifest (codecs, class-wise layout).
+        progress: called with each block's name once it is stored (and timed): a progress bar's hook.
     """
     model = model.eval()
-    shape = list(input_shape) if input_shape is not None else _input_shape(model)
+    check_recipe(model, recipe)
+    shape = list(input_shape) if input_shape is not None else model_input_shape(model)
     x = torch.randn(1, *shape, device=next(model.parameters()).device)
     entries = []
     for blk in decompose(model):
@@ -132,9 +134,33 @@ def partition(model: nn.Module, name: str, recipe: dict[str, Any], store: BlockS
             out_shape=list(y.shape[1:]), act_bytes=y[0].numel() * 4, forward_ms=ms,
         ))
         x = y
+        if progress is not None:
+            progress(blk.name)
     manifest = ModelManifest(name=name, recipe=recipe, input_shape=shape, blocks=entries, extra=dict(extra or {}))
     store.put_manifest(manifest)
     return manifest
+
+
+def check_recipe(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Refuse a recipe that rebuilds another model than ``model`` (before anything is stored).
+
+    Workers rebuild every stage from the recipe, so a recipe missing a keyword the model was
+    made with (``num_classes=100``) would store blocks no worker can load.
+
+    Raises:
+        UsageError: tensors whose names or shapes differ, a few of them named.
+    """
+    try:
+        want = {k: tuple(v.shape) for k, v in build_skeleton(recipe, device="meta").state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"the recipe {recipe} does not build a model: {e}") from None
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: model {have.get(k, 'absent')}, recipe {want.get(k, 'absent')}" for k in diff[:3])
+        raise UsageError(f"the recipe {recipe} builds another model than the one given ({len(diff)} tensors differ: "
+                         f"{shown}); give the recipe the keywords the model was made with, e.g. "
+                         f"timm_recipe(arch, num_classes=...)")
 
 
 def _materialise(skeleton_blocks: list[NamedBlock], recipe: dict[str, Any], start: int, end: int,

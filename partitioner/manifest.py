@@ -10,6 +10,14 @@ from .errors import ManifestError
 MANIFEST_VERSION = 1
 
 
+def _json_kind(value: object) -> str:
+    """JSON's name for a decoded value's type: 'a list', 'a string', 'null', ..."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class BlockEntry:
     """One block of a model as the manifest records it (sizes per sample, fp32 activations)."""
@@ -54,9 +62,13 @@ class ModelManifest:
     def from_json(cls, text: str) -> "ModelManifest":
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):  # a list or a number has no .pop(key, default): say what it is instead
+                raise ManifestError(f"not a model manifest: the top level is {_json_kind(raw)}, not an object")
             if raw.pop("version", None) != MANIFEST_VERSION:
                 raise ManifestError(f"manifest version is not {MANIFEST_VERSION}")
             raw["blocks"] = [BlockEntry(**b) for b in raw["blocks"]]
             return cls(**raw)
+        except ManifestError:  # already says what is wrong (it is a ValueError too)
+            raise
         except (ValueError, TypeError, KeyError) as e:
             raise ManifestError(f"malformed model manifest: {e}") from None

@@ -31,7 +31,7 @@ import xxhash
 from safetensors.torch import save as st_save
 
 from .blockfile import PREFIX_BYTES, BlockFormatError, BlockLayout, header_length, parse_header, tensors_from
-from .errors import BlockHashMismatch, ManifestError, MissingBlocksError
+from .errors import BlockHashMismatch, ManifestError, MissingBlocksError, UsageError
 from .manifest import ModelManifest
 from .reader import READ_CHUNK_BYTES, ChunkReader, ReadRateCap, file_size, host_buffer, read_to_device
 
@@ -111,6 +111,22 @@ class _Digest:
         return cls(int(parts[2]), parts[3])
 
 
+def read_manifest(path: str | os.PathLike[str]) -> ModelManifest:
+    """The manifest in file ``path``.
+
+    Raises:
+        ManifestError: unreadable or malformed; the message names the file.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as e:
+        raise ManifestError(f"cannot read manifest file {path}: {e}") from None
+    try:
+        return ModelManifest.from_json(text)
+    except ManifestError as e:
+        raise ManifestError(f"manifest file {path}: {e}") from None
+
+
 def _bytes_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """A uint8 CPU tensor holding a copy of ``data`` (writable, unlike a view of ``bytes``)."""
     out = torch.empty(len(data), dtype=torch.uint8)
@@ -122,19 +138,33 @@ class BlockStore:
     """Blocks and manifests under one directory; safe to share between processes.
 
     Args:
-        root: the store's directory (created if absent).
+        root: the store's directory (created if absent, unless ``create`` is false).
         read_rate_bps: cap on the rate block files are read at (bytes/s, every reader of this
             instance together), to emulate a board's storage on a faster machine; None: no cap.
         chunk_bytes: bytes per read call (and per step of the cap).
+        create: make the directory if it is absent; false opens an existing store only and
+            creates nothing (``edgesplit inspect`` of a mistyped path must not leave one behind).
+    Raises:
+        UsageError: ``create`` is false and ``root`` is not a store, or the directory cannot be made.
     """
 
     def __init__(self, root: str | os.PathLike[str], read_rate_bps: float | None = None,
-                 chunk_bytes: int = READ_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = READ_CHUNK_BYTES, create: bool = True) -> None:
         self.root = Path(root)
-        (self.root / "blocks").mkdir(parents=True, exist_ok=True)
-        (self.root / "models").mkdir(parents=True, exist_ok=True)
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if not create:
+            if not self.root.is_dir():
+                raise UsageError(f"no block store at {self.root} (no such directory); create one with "
+                                 f"`edgesplit partition MODEL --store {self.root}`")
+            if not (self.root / "models").is_dir():
+                raise UsageError(f"{self.root} is not a block store (it has no models/ directory)")
+        else:
+            try:
+                (self.root / "blocks").mkdir(parents=True, exist_ok=True)
+                (self.root / "models").mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file in the way, no permission
+                raise UsageError(f"cannot use {self.root} as a block store: {e.strerror or e}") from None
         self.read_rate_bps, self.chunk_bytes = read_rate_bps, int(chunk_bytes)
         self._cap = ReadRateCap(read_rate_bps) if read_rate_bps is not None else None
 
@@ -333,8 +363,10 @@ class BlockStore:
 
     def block_ids(self) -> list[str]:
         """Ids of stored blocks (not sidecars, not a crashed writer's temporary files)."""
-        return sorted(p.name[: -len(BLOCK_SUFFIX)] for p in (self.root / "blocks").iterdir()
-                      if BLOCK_FILE.fullmatch(p.name))
+        blocks = self.root / "blocks"
+        if not blocks.is_dir():  # a read-only open of a store that holds manifests only
+            return []
+        return sorted(p.name[: -len(BLOCK_SUFFIX)] for p in blocks.iterdir() if BLOCK_FILE.fullmatch(p.name))
 
     def size_bytes(self) -> int:
         """Bytes of all stored block files (what sharing saves shows up here)."""
@@ -352,14 +384,44 @@ class BlockStore:
         return path
 
     def manifest(self, name: str) -> ModelManifest:
+        """Model ``name``'s manifest.
+
+        Raises:
+            ManifestError: no such model, or its file is malformed (the message names the file).
+        """
         path = self._manifest_path(name)
         if not path.is_file():
             raise ManifestError(f"no model {name!r} in store {self.root}; known: {self.list_models()}. "
                                 "Create it with `edgesplit partition`.")
-        return ModelManifest.from_json(path.read_text())
+        manifest = read_manifest(path)
+        if manifest.name != name:
+            raise ManifestError(f"manifest file {path} holds model {manifest.name!r}, not {name!r}; "
+                                "the file name must be the model name")
+        return manifest
+
+    def scan_models(self) -> tuple[list[str], list[tuple[Path, str]]]:
+        """Every manifest file, sorted into the usable and the broken, so one bad file cannot hide the rest.
+
+        Returns:
+            (names of the models whose manifests read, [(file, what is wrong with it)] for the others).
+        """
+        good, bad = [], []
+        for path in sorted((self.root / "models").glob("*.json")):
+            try:
+                manifest = read_manifest(path)
+            except ManifestError as e:
+                bad.append((path, str(e)))
+                continue
+            if manifest.name != path.stem:
+                bad.append((path, f"manifest file {path} holds model {manifest.name!r}; the file name must be the "
+                                  "model name"))
+            else:
+                good.append(manifest.name)
+        return good, bad
 
     def list_models(self) -> list[str]:
-        return sorted(ModelManifest.from_json(p.read_text()).name for p in (self.root / "models").glob("*.json"))
+        """Names of the models whose manifests read (``scan_models`` also names the broken files)."""
+        return self.scan_models()[0]
 
     def missing(self, manifest: ModelManifest) -> list[str]:
         """Ids of the manifest's blocks that this store lacks."""

@@ -8,6 +8,10 @@
     edgesplit infer --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --input x.npy
     edgesplit link --coordinator tcp://127.0.0.1:5555 --model vit_tiny_patch16_224 --cut 0 --budget 8
     edgesplit plan vit_tiny_patch16_224 --coordinator tcp://127.0.0.1:5555 --deploy   # measured placement
+    edgesplit deploy vit_tiny_patch16_224 --coordinator tcp://127.0.0.1:5555 --stages 2   # or --plan FILE
+    edgesplit status --coordinator tcp://127.0.0.1:5555 [--json]                      # workers, memory, routes
+    edgesplit undeploy vit_tiny_patch16_224 --coordinator tcp://127.0.0.1:5555
+    edgesplit --log-level debug infer ...                                            # any command's logs
 
     # three boards: one coordinator, one worker per board, keyed (see README "Security")
     edgesplit keygen --role coordinator --out keys && edgesplit keygen --role worker --name board1 --out keys
@@ -16,21 +20,27 @@
     edgesplit worker --coordinator tcp://10.0.0.1:5555 --bind tcp://*:5600 --store ./ws --keys board1-keys/
 
 Subcommands' arguments are only built for the subcommand being run, so ``edgesplit --help``
-imports nothing heavy.
+imports nothing heavy. A user's mistake (a bad flag, endpoint, file or config key: a
+``UsageError``) ends with one line ``edgesplit CMD: error: ...`` on stderr and exit status 2;
+any other edgesplit error with one such line and status 1; a bug keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 Adder = Callable[[argparse.ArgumentParser], None]
 Runner = Callable[[argparse.Namespace], int]
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the daemons' format too
+DAEMONS = ("worker", "coordinator")
 
 
 def _config_file_arg(p: argparse.ArgumentParser, section: str) -> None:
@@ -40,10 +50,13 @@ def _config_file_arg(p: argparse.ArgumentParser, section: str) -> None:
 
 
 def _build(cls: type, args: argparse.Namespace, section: str) -> Any:
-    from .config import from_args, from_mapping, load_file
+    from .config import from_args, from_env, from_mapping, load_file
 
     base = from_mapping(cls, load_file(args.config, section)) if getattr(args, "config", None) else cls()
-    return from_args(cls, args, base)
+    from .endpoints import check_config_endpoints
+
+    cfg = from_args(cls, args, from_env(cls, base))  # defaults < file < EDGESPLIT_* environment < flags
+    return check_config_endpoints(cfg)  # before anything binds or connects
 
 
 # --- worker / coordinator ----------------------------------------------------------------------
@@ -87,7 +100,8 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name in the coordinator's store (deployed)")
     p.add_argument("--input", required=True, metavar="FILE",
                    help="a .npy array (one sample, or a batch with the leading batch dimension) or an image "
-                        "(.png/.jpg/...: resized to the model's input and ImageNet-normalised)")
+                        "(.png/.jpg/...: preprocessed as timm does for the model: its resize, crop, mean and std, "
+                        "stored at partition time)")
     p.add_argument("--output", metavar="FILE.npy", default=None, help="save the output array here")
     p.add_argument("--top", type=int, default=5, help="print the top-K classes per sample (0 = none)")
     p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
@@ -109,6 +123,11 @@ def _add_link(p: argparse.ArgumentParser) -> None:
                         "sender then picks the budget per transfer to fit it; 'off' returns to the fixed budget")
     p.add_argument("--share", type=float, default=None,
                    help="with --rate: fraction (0, 1] of a request's remaining time the transfer may take")
+    p.add_argument("--codec", default=None, metavar="NAME",
+                   help="attach another codec to the link: a name in the model's manifest (`edgesplit train-codec "
+                        "MODEL ... --name NAME`), a codec kind, or 'raw'; the same stages are re-deployed on the same "
+                        "workers (they fetch only the codec's block; requests in flight are replayed, not lost), "
+                        "then the other options apply to the new codec")
     _add_client(p)
 
 
@@ -132,46 +151,17 @@ def _run_link(args: argparse.Namespace) -> int:
         changes["wire_dtype"] = args.wire_dtype
     if args.share is not None:
         changes["share"] = args.share
+    if args.codec is not None:
+        changes["codec"] = args.codec
     with Client(_build(ClientConfig, args, "client")) as cl:
-        now = cl.set_link(args.model, args.cut, **changes)
+        now = cl.set_link(args.model, args.cut, redeploy=args.codec is not None, **changes)
+    redeployed = now.pop("redeployed", None)
     print(f"{args.model} cut {args.cut}: " + "  ".join(f"{k}={v}" for k, v in now.items()))
+    if redeployed is not None:
+        fetched = ", ".join(f"{w} {b} B" for w, b in sorted(redeployed["fetched_bytes"].items()))
+        print(f"re-deployed the same stages as plan {redeployed['plan']} with codec {args.codec!r} "
+              f"(fetched: {fetched})")
     return 0
-
-
-def load_input(path: str, input_shape: list[int]) -> Any:
-    """A float32 batch from a .npy file or an image, shaped ``(B, *input_shape)``."""
-    import numpy as np
-    import torch
-
-    from .errors import BadInput
-
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"input file {p} does not exist")
-    if p.suffix.lower() == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as e:
-            raise BadInput(f"{p} is not a plain .npy array ({e}); object arrays are refused") from None
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float()
-        if list(x.shape) == list(input_shape):
-            x = x.unsqueeze(0)
-        return x
-    try:
-        from PIL import Image
-    except ImportError:
-        raise BadInput("reading images needs Pillow (pip install pillow), or pass a .npy array") from None
-    try:
-        img = Image.open(p).convert("RGB")
-    except OSError as e:
-        raise BadInput(f"cannot read image {p}: {e}") from None
-    if len(input_shape) != 3 or input_shape[0] != 3:
-        raise BadInput(f"the model's input is {input_shape}, not an RGB image; pass a .npy array")
-    img = img.resize((input_shape[2], input_shape[1]), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
 
 
 def _run_infer(args: argparse.Namespace) -> int:
@@ -180,10 +170,14 @@ def _run_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .client import Client, ClientConfig
+    from .inputs import check_input_file, check_output, load_input
 
-    with Client(_build(ClientConfig, args, "client")) as cl:
-        route = cl.route(args.model)
-        x = load_input(args.input, route.input_shape)
+    cfg = _build(ClientConfig, args, "client")
+    check_input_file(args.input)  # before connecting
+    output = check_output(args.output) if args.output else None  # before anything is sent: the result is kept
+    with Client(cfg) as cl:
+        route = cl.route(args.model)  # the model's input shape and preprocessing: the input is checked here
+        x = load_input(args.input, route.input_shape, route.data_config)
         t0 = time.perf_counter()
         y = cl.submit(args.model, x, deadline_ms=args.deadline_ms, user=args.user).result()
         ms = (time.perf_counter() - t0) * 1000
@@ -194,49 +188,14 @@ def _run_infer(args: argparse.Namespace) -> int:
         vals, idx = y.topk(k, dim=1)
         for i in range(y.shape[0]):
             print(f"  sample {i}: " + ", ".join(f"class {int(c)} ({float(v):.3f})" for v, c in zip(vals[i], idx[i])))
-    if args.output:
-        np.save(args.output, y.numpy())
-        print(f"saved {args.output}")
-    return 0
+    if output:
+        try:
+            np.save(output, y.numpy())
+        except OSError as e:  # checked before sending: the disk filled or the directory went since (not a usage error)
+            from edgesplit.partitioner.errors import EdgesplitError
 
-
-def _add_workers(p: argparse.ArgumentParser) -> None:
-    _add_client(p)
-
-
-def _run_workers(args: argparse.Namespace) -> int:
-    from .client import Client, ClientConfig
-    from .config import human_size
-
-    with Client(_build(ClientConfig, args, "client")) as cl:
-        workers, models = cl.workers(), cl.models()
-    print(f"{'worker':<12}{'endpoint':<26}{'device':<8}{'state':<10}{'cpu %':>6}{'rss':>11}{'seen s':>8}  stages")
-    for w in workers:
-        stages = ", ".join(f"{s.model}/{s.hop}[{s.start}:{s.end})" for s in w.stages) or "-"
-        tel = w.telemetry
-        print(f"{w.name:<12}{w.endpoint:<26}{w.device:<8}{w.state.value:<10}{tel.get('cpu_percent', 0):>6.0f}"
-              f"{human_size(tel.get('proc_rss_bytes', 0)):>11}{w.last_seen_s:>8.1f}  {stages}")
-    print(f"\n{'worker':<12}{'resident':>11}{'budget':>11}{'load rate':>12}{'evicted':>11}{'batch avg/max':>14}  "
-          "stages: compute p50 ms (* = resident)")
-    for w in workers:
-        c, resident, stats = w.cache, {(m, h) for m, h in w.resident}, w.stage_stats()
-        stages = ", ".join(f"{s.model}/{s.hop}{'*' if (s.model, s.hop) in resident else ''} "
-                           f"{stats.get((s.model, s.hop), {}).get('compute_ms_p50', 0):.1f}" for s in w.stages) or "-"
-        rate = c.get("load_bytes_per_s", 0)
-        print(f"{w.name:<12}{human_size(c.get('resident_bytes', 0)):>11}{human_size(c.get('budget_bytes', 0)):>11}"
-              f"{(human_size(rate) + '/s') if rate else '-':>12}{human_size(c.get('bytes_evicted', 0)):>11}"
-              f"{w.telemetry.get('count_computed', 0) / max(1, w.telemetry.get('count_batches', 0)):>9.1f}/"
-              f"{int(w.telemetry.get('count_batch_max', 0)):<4}  {stages}")
-    links = [(w.name, k.split(" ", 1)[1], v) for w in workers for k, v in w.telemetry.items()
-             if k.startswith("link_rate_bps ")]
-    if links:
-        print(f"\n{'measured link':<42}{'rate':>12}")
-        for name, endpoint, rate in links:
-            print(f"{name + ' -> ' + endpoint:<42}{human_size(rate) + '/s':>12}")
-    print(f"\n{'model':<28}{'blocks':>7}{'size':>11}  route")
-    for m in models:
-        print(f"{m['name']:<28}{m['n_blocks']:>7}{human_size(m['size_bytes']):>11}  "
-              f"{' -> '.join(m['route']) if m['route'] else '(not deployed)'}")
+            raise EdgesplitError(f"--output {output}: cannot write the result: {e}") from None
+        print(f"saved {output}")
     return 0
 
 
@@ -327,13 +286,18 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     cw.add_argument("--classwise", type=int, default=0, metavar="N",
                     help="instead of a layer-wise split: train a small model on scikit-learn digits, split it into N "
                          "class-group sub-models on N workers plus a fusion worker, and report (0 = off)")
-    cw.add_argument("--classwise-arch", choices=["vit", "resnet"], default="vit", help="model family in class-wise mode")
+    cw.add_argument("--classwise-arch", choices=["vit", "resnet"], default="vit",
+                    help="model family in class-wise mode")
     cw.add_argument("--classwise-epochs", type=int, default=20, metavar="N", help="training epochs in class-wise mode")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
+    if args.classwise:
+        from .extras import require_extra
+
+        require_extra("classwise", "class-wise mode (--classwise)")
     _interrupt_on_sigterm()
     try:
         cfg = _build(DemoConfig, args, "demo")
@@ -393,12 +357,20 @@ def _delegate(module: str, adder: str, runner: str) -> tuple[Adder, Runner]:
 def commands() -> dict[str, tuple[str, Adder, Runner]]:
     """name -> (help, add arguments, run)."""
     cmds: dict[str, tuple[str, Adder, Runner]] = {
-        "demo": ("split a model over 3 local workers, stream inputs, print a report (the main job)", _add_demo, _run_demo),
+        "demo": ("split a model over 3 local workers, stream inputs, print a report (the main job)", _add_demo,
+                 _run_demo),
         "up": ("start a coordinator and N workers on 127.0.0.1 until Ctrl-C", _add_up, _run_up),
         "worker": ("run a worker daemon (one per board)", _add_worker, _run_worker),
         "coordinator": ("run the coordinator daemon (one per cluster)", _add_coordinator, _run_coordinator),
         "infer": ("send one input (.npy or image) through a deployed model", _add_infer, _run_infer),
-        "workers": ("list the workers and models a coordinator knows", _add_workers, _run_workers),
+        "deploy": ("deploy a stored model: measured plan, N equal stages with replicas, or a plan file",
+                   *_delegate("edgesplit.runtime.cli_deploy", "add_deploy_arguments", "run_deploy")),
+        "undeploy": ("take a model off every worker (frees its blocks) and forget its plan",
+                     *_delegate("edgesplit.runtime.cli_deploy", "add_undeploy_arguments", "run_undeploy")),
+        "status": ("workers (state, health, telemetry), memory against budgets, latency, errors, models and routes",
+                   *_delegate("edgesplit.runtime.cli_status", "add_arguments", "run")),
+        "workers": ("the same as status (list the workers and models a coordinator knows)",
+                    *_delegate("edgesplit.runtime.cli_status", "add_arguments", "run")),
         "link": ("change a deployed link's budget, wire dtype or rate live (no redeploy)", _add_link, _run_link),
         "plan": ("measure the workers and links, plan the split (stages, workers, codecs); --deploy to apply it",
                  *_delegate("edgesplit.runtime.cli_plan", "add_arguments", "run")),
@@ -416,16 +388,51 @@ def commands() -> dict[str, tuple[str, Adder, Runner]]:
     return cmds
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``edgesplit CMD: error: ...``), exit status 2 as before."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _log_level_arg(p: argparse.ArgumentParser) -> None:
+    try:
+        p.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                       help="logging level of this command (default: warnings only; the daemons: info)")
+    except argparse.ArgumentError:
+        pass  # the daemons' configs have their own --log-level (same dest)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s own arguments are built (the others stay unimported)."""
-    parser = argparse.ArgumentParser(prog="edgesplit", description="Distributed split inference for edge boards.",
-                                     epilog="Run `edgesplit COMMAND --help` for a command's options.")
+    parser = _Parser(prog="edgesplit", description="Distributed split inference for edge boards.",
+                     epilog="Run `edgesplit COMMAND --help` for a command's options.")
+    _log_level_arg(parser)  # before the command (edgesplit --log-level debug infer ...) or after it
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, adder, _) in commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             adder(p)
+            _log_level_arg(p)
     return parser
+
+
+def _command_in(argv: list[str], names: Any) -> str | None:
+    """The command named in ``argv`` (the first word that is neither an option nor the global option's value)."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--log-level":
+            skip = True
+        elif not a.startswith("-"):
+            return a if a in names else None
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (some carry a log tail or a list)."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def _die_with_parent() -> None:
@@ -448,21 +455,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgesplit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = commands()
-    command = next((a for a in argv if not a.startswith("-")), None)
-    command = command if command in cmds else None
-    parser = build_parser(command)
+    parser = build_parser(_command_in(argv, cmds))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command in ("worker", "coordinator"):
-        _die_with_parent()
-    from edgesplit.partitioner.errors import EdgesplitError
+    if args.command in DAEMONS:
+        _die_with_parent()  # the daemons configure logging themselves, from their config's log_level
+    elif getattr(args, "log_level", None):
+        logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    from edgesplit.partitioner.errors import EdgesplitError, UsageError
 
     try:
         return int(cmds[args.command][2](args) or 0)
+    except UsageError as e:  # the user's mistake: say what to change, nothing else
+        print(f"edgesplit {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except EdgesplitError as e:
-        print(f"edgesplit {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgesplit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -49,7 +49,8 @@ import zmq
 from edgesplit.scheduling.placement import Placement, PlacementError, plan_placement
 
 from . import protocol as P
-from .config import from_mapping, opt
+from .config import from_env, from_mapping, opt
+from .endpoints import check_endpoint
 from .errors import (ConfigError, DeadlineMissed, DeployError, Overloaded, ProtocolError, RequestTimeout,
                      RuntimeFailure, UnknownModel, WorkerLost)
 from .links import LinkSpec, decode_link
@@ -157,6 +158,7 @@ class Client:
 
     def __init__(self, cfg: ClientConfig = ClientConfig(), **overrides: Any) -> None:
         self.cfg = from_mapping(ClientConfig, overrides, cfg) if overrides else cfg
+        check_endpoint(self.cfg.coordinator, "coordinator")  # else zmq takes it and the io thread dies later
         self.ident = b"c-" + P.new_rid()[:8].hex().encode()
         self.ctx = zmq.Context(io_threads=1)
         host = self.cfg.reply_host or local_address_towards(self.cfg.coordinator)
@@ -406,26 +408,60 @@ class Client:
                          timeout_ms=timeout_ms or self.cfg.deploy_timeout_ms, what=f"prefetch of {model}")
         return _per_worker(msg.body.get("loaded"))
 
-    def set_link(self, model: str, cut: int, **changes: Any) -> dict[str, Any]:
-        """Change the settings of a deployed link live: no redeploy, the next request uses them.
+    def set_link(self, model: str, cut: int, redeploy: bool = False, **changes: Any) -> dict[str, Any]:
+        """Change the settings of a deployed link live (no redeploy, but for a new codec); the next request uses them.
+
+        With no ``changes`` it only reads the link's settings from the sending worker. A link's
+        *codec* is loaded by both workers at deploy time, so changing it (``codec=NAME`` with
+        ``redeploy=True``) re-deploys the model's current stages on the same workers, with the
+        other cuts' links as they are now and this one's codec replaced (its budget, dtype and
+        rate start afresh unless given): each worker fetches only the blocks it lacks (the
+        codec's), nothing restarts, and requests in flight on the old plan are replayed on the
+        new one (``NOT_DEPLOYED``), not lost. The next request uses the new codec.
 
         Args:
             model: a deployed model.
             cut: which link, 0 = between stage 0 and stage 1.
+            redeploy: allow a codec change (a re-deploy of the same stages; the plan id changes).
             changes: any of ``budget`` (channels kept, None = full width; with ``rate``: the most
                 kept), ``wire_dtype`` ("fp32", "fp16", "int8"), ``rate`` (bytes/s allocated to the
                 link, or "measured" for the sender's own measurement, so the sender picks the
-                budget per transfer; None = fixed budget) and
-                ``share`` (fraction of a request's remaining time the transfer may take).
+                budget per transfer; None = fixed budget),
+                ``share`` (fraction of a request's remaining time the transfer may take) and, with
+                ``redeploy``, ``codec`` (a name in the manifest's ``extra["codecs"]``, a registered
+                kind, or "raw").
         Returns:
-            The link's settings now (``{"codec", "budget", "wire_dtype", "rate", "share"}``).
+            The link's settings now (``{"codec", "budget", "wire_dtype", "rate", "share"}``, as the
+            sending worker reports them); after a re-deploy also ``redeployed``: ``{"plan", "fetched_bytes"}``
+            (bytes each worker fetched).
         Raises:
-            BadInput: the link's codec cannot take them (e.g. a budget it does not serve, a raw link).
-            DeployError: no such cut.
+            BadInput: the link's codec cannot take them (e.g. a budget it does not serve, a raw link, a
+                codec change without ``redeploy``).
+            DeployError: no such cut, or the re-deploy failed (e.g. an unknown codec name).
         """
+        if redeploy and "codec" in changes:
+            now = self._link_now(model, cut)
+            if changes["codec"] != now["codec"]:
+                return self._relink(model, cut, changes)
         msg = self._call(Msg.LINK, {"body": {"model": model, "cut": int(cut), "link": dict(changes)}},
                          what=f"link change of {model} cut {cut}")
         return dict(P.body_get(msg.body, "link", dict))
+
+    def _link_now(self, model: str, cut: int) -> dict[str, Any]:
+        """A link's settings as its sending worker has them (a LINK order that changes nothing)."""
+        return self.set_link(model, cut)
+
+    def _relink(self, model: str, cut: int, changes: dict[str, Any]) -> dict[str, Any]:
+        """``set_link(..., codec=..., redeploy=True)``: the same stages again, one link's codec replaced."""
+        route = self.route(model, refresh=True)
+        links = [self._link_now(model, c) for c in range(len(route.hops) - 1)]
+        links[cut] = {"codec": changes["codec"], **{k: v for k, v in changes.items() if k != "codec"}}
+        stages = [(h.worker, h.start, h.end) for reps in route.replicas for h in reps]
+        new = self.deploy(model, stages=stages, links=links)
+        out = self._link_now(model, cut)
+        out["redeployed"] = {"plan": new.plan,
+                             "fetched_bytes": {w: v.get("fetched_bytes") for w, v in new.loaded.items()}}
+        return out
 
     def wait_for_workers(self, n: int, timeout_s: float = 30.0) -> list[WorkerInfo]:
         """Block until at least ``n`` workers are registered; returns them."""
@@ -959,9 +995,17 @@ def _fail(fut: concurrent.futures.Future, exc: BaseException) -> None:
         pass  # resolved by another thread a moment ago
 
 
-def connect(coordinator: str = "tcp://127.0.0.1:5555", **overrides: Any) -> Client:
-    """A client of the cluster whose coordinator is at ``coordinator`` (any ``ClientConfig`` field as keyword)."""
-    return Client(ClientConfig(coordinator=coordinator), **overrides)
+def connect(coordinator: str | None = None, **overrides: Any) -> Client:
+    """A client of the cluster whose coordinator is at ``coordinator`` (any ``ClientConfig`` field as keyword).
+
+    Settings not given come from ``EDGESPLIT_*`` variables (``EDGESPLIT_COORDINATOR``,
+    ``EDGESPLIT_KEYS``, ...) as for the CLI, else the defaults (``tcp://127.0.0.1:5555``), so
+    one script serves every cluster its environment names.
+    """
+    cfg = from_env(ClientConfig)
+    if coordinator is not None:
+        cfg = dataclasses.replace(cfg, coordinator=coordinator)
+    return Client(cfg, **overrides)
 
 
 def _per_worker(v: Any) -> dict[str, dict[str, Any]]:

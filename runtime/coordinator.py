@@ -57,11 +57,13 @@ from edgesplit.scheduling import ScheduleError
 
 from . import admission, protocol as P
 from .config import human_size, opt
+from .endpoints import check_metrics_bind
 from .errors import (ConfigError, DeployError, Forbidden, NotDeployed, Overloaded, ProtocolError, RuntimeFailure,
                      UnknownModel)
 from .links import LinkSpec
 from .liveness import PeerTable
 from .measuring import MAX_MEASURED_WORKERS, MeasureOrder
+from .metrics import ClusterMetrics, MetricsServer
 from .plan import PlannedHop, PlannedStage, group_replicas, layerwise_hops
 from .plans import PLANS_DIR, WORKER_KEYS_FILE, LiveWorker, PlanRecord, PlanStore, Repair, reconcile
 from .routes import route_of_plan, route_of_reports
@@ -111,6 +113,7 @@ class CoordinatorConfig:
                                 "deploy, read weights and forge results; logged every minute)")
     control_rate: float = opt(P.CONTROL_RATE_PER_S, "control messages per second one peer may send (a burst of "
                                                     "4x that is allowed); beyond, they are refused as OVERLOADED")
+    metrics_bind: str = opt("", "HOST:PORT for a Prometheus /metrics endpoint (e.g. 0.0.0.0:9464); empty = off")
     log_level: str = opt("info", "logging level", choices=["debug", "info", "warning", "error"])
 
 
@@ -169,15 +172,17 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig) -> None:
         self.cfg = cfg
-        self.store = BlockStore(cfg.store)
-        self.plan_store = PlanStore(cfg.plan_dir or Path(cfg.store) / PLANS_DIR)
-        self.records: dict[str, PlanRecord] = self.plan_store.load()  # model -> its kept plan
-        self.ctx = zmq.Context(io_threads=1)
+        # every check of the settings first: a mistake must leave no store directories and no bound socket behind
+        check_metrics_bind(cfg.metrics_bind)
         keys = load_keys(cfg.keys) if cfg.keys else None
         if keys is not None and keys.me.role != "coordinator":
             raise ConfigError(f"{keys.root}: the coordinator needs a coordinator key, this directory's secret key "
                               f"{keys.me.name} is a {keys.me.role} key")
         check_exposure("the coordinator", cfg.bind, keys is not None, cfg.insecure)
+        self.store = BlockStore(cfg.store)
+        self.plan_store = PlanStore(cfg.plan_dir or Path(cfg.store) / PLANS_DIR)
+        self.records: dict[str, PlanRecord] = self.plan_store.load()  # model -> its kept plan
+        self.ctx = zmq.Context(io_threads=1)
         self.sec = Security(self.ctx, keys, {CONTROL: CONNECT[CONTROL]})
         try:
             self.sock, self.endpoint = router(self.ctx, cfg.bind, SocketOptions(hwm_msgs=P.CONTROL_HWM_MSGS,
@@ -216,6 +221,13 @@ class Coordinator:
         self._stop = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
+        self.metrics = ClusterMetrics(self.admission.counts)  # read by /metrics scrapes on their own thread
+        try:
+            self.metrics_http = MetricsServer(cfg.metrics_bind, self.metrics) if cfg.metrics_bind else None
+        except ConfigError:
+            self.sec.close()
+            self.ctx.destroy(linger=0)
+            raise
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Coordinator":
@@ -238,8 +250,11 @@ class Coordinator:
 
     def run(self) -> None:
         """The loop: poll, dispatch, heartbeat the workers, purge the silent ones, keep plans applied."""
+        models, broken = self.store.scan_models()  # one bad manifest must not keep the others from serving
+        for _, problem in broken:
+            log.warning("W: %s; skipping that model (requests for it are refused, naming the file)", problem)
         log.info("coordinator on %s, store %s (%d models), %d kept plan(s) in %s", self.endpoint, self.store.root,
-                 len(self.store.list_models()), len(self.records), self.plan_store.root)
+                 len(models), len(self.records), self.plan_store.root)
         interval = self.cfg.heartbeat_ms / 1000.0
         next_hb = time.monotonic()
         poller = zmq.Poller()
@@ -276,6 +291,8 @@ class Coordinator:
                 self.clients.purge(now)
                 self._expire(now)
         finally:
+            if self.metrics_http is not None:
+                self.metrics_http.close()
             self.sec.close()
             self.ctx.destroy(linger=0)
             self._waker.close()
@@ -484,6 +501,8 @@ class Coordinator:
         rec.cache = {k: v for k, v in list(P.body_get(body, "cache", dict, {}).items())[:P.MAX_REPORTED_ROWS]
                      if isinstance(k, str) and P.is_finite_number(v)}
         rec.resident = [r for r in P.body_get(body, "resident", list, []) if isinstance(r, list) and len(r) == 2]
+        self.metrics.heartbeat(rec.info.name, rec.info.endpoint, rec.info.telemetry, rec.stats, rec.cache,
+                               body.get("metrics"), any(rec.info.name in p.waiting for p in self.plans.values()))
 
     def _on_deployed(self, ident: bytes, msg: P.Message) -> None:
         rec = self._known_worker(ident, msg)
@@ -554,6 +573,7 @@ class Coordinator:
         rec = self.workers.pop(name, None)
         if rec is None:
             return
+        self.metrics.lost(name)
         for s in rec.info.stages:
             self.lost.setdefault((s.model, s.plan), []).append(name)
         while len(self.lost) > 256:
@@ -999,6 +1019,7 @@ class Coordinator:
         """A client's report that an admitted request's result came (and how late against its plan)."""
         self.clients.refresh(ident)
         lag_ms = float(P.body_get(msg.body, "lag_ms", (int, float)))
+        self.metrics.done(self.admission, ident, msg.rid, time.monotonic())
         moved = self.admission.observe(ident, msg.rid, lag_ms / 1000.0)
         if moved > 0.05:
             log.warning("admission: a server was %.0f ms behind its plan; its held requests moved later", moved * 1000)

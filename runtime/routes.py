@@ -45,7 +45,8 @@ def route_of_plan(manifest: ModelManifest, rec: PlanRecord, live: Mapping[str, L
             raise _stage_down(model, rec, k, h, live, deploying, settling)
         hosting.sort(key=lambda n: (h.workers.index(n) if n in h.workers else len(h.workers), n))
         replicas.append([RouteHop(k, n, live[n].endpoint, h.start, h.end, live[n].key) for n in hosting])
-    return Route(model, rec.plan, manifest.n_blocks, list(manifest.input_shape), [r[0] for r in replicas], replicas)
+    return Route(model, rec.plan, manifest.n_blocks, list(manifest.input_shape), [r[0] for r in replicas], replicas,
+                 data_config=manifest.extra.get("data_config"))
 
 
 def _stage_down(model: str, rec: PlanRecord, k: int, h: PlannedHop, live: Mapping[str, LiveWorker],
@@ -112,4 +113,5 @@ def route_of_reports(manifest: ModelManifest, live: Mapping[str, LiveWorker],
         if gone:
             raise lost_error()
         raise UnknownModel(f"model {model} plan {newest} covers blocks up to {pos} of {manifest.n_blocks}")
-    return Route(model, newest, manifest.n_blocks, list(manifest.input_shape), [r[0] for r in replicas], replicas)
+    return Route(model, newest, manifest.n_blocks, list(manifest.input_shape), [r[0] for r in replicas], replicas,
+                 data_config=manifest.extra.get("data_config"))

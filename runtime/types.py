@@ -129,6 +129,8 @@ class Route:
     # what the deploy that made this route did on each worker (Client.deploy fills it): load_ms,
     # fetched_bytes (into its store), loaded_bytes (into memory), freed_bytes, resident_bytes
     loaded: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # timm's preprocessing for the model (manifest extra["data_config"]): how a client turns an image into input
+    data_config: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -146,7 +148,7 @@ class Route:
     def to_msg(self) -> dict[str, Any]:
         return {"model": self.model, "plan": self.plan, "n_blocks": self.n_blocks,
                 "input_shape": list(self.input_shape), "hops": [h.to_msg() for h in self.hops],
-                "replicas": [[h.to_msg() for h in reps] for reps in self.replicas]}
+                "replicas": [[h.to_msg() for h in reps] for reps in self.replicas], "data_config": self.data_config}
 
     @classmethod
     def from_msg(cls, v: Any) -> "Route":
@@ -160,8 +162,11 @@ class Route:
         replicas = [[RouteHop.from_msg(h) for h in _list(r, "a hop's replicas")[:MAX_REPLICAS]] for r in reps_raw]
         if any(not r or any(h.hop != k for h in r) for k, r in enumerate(replicas)):
             raise ProtocolError("bad message: route replicas must list at least one worker per hop, in hop order")
+        data_config = v.get("data_config")
+        if data_config is not None and not isinstance(data_config, dict):
+            raise ProtocolError("bad message: a route's data_config is a map or nil")  # its values: inputs.py checks
         return cls(P.check_model_name(v.get("model")), _int(v.get("plan"), "plan"),
-                   _int(v.get("n_blocks"), "n_blocks", 1), shape, hops, replicas)
+                   _int(v.get("n_blocks"), "n_blocks", 1), shape, hops, replicas, data_config=data_config)
 
 
 @dataclass

@@ -87,3 +87,18 @@ def test_partitioner_matches_hand_written_reference(store):
     for span, want in zip(cut("ref-vit", man.n_blocks, splits), expected):
         y = build_blocks(store, man, span.start, span.end)(y)
         assert (y - want).abs().max().item() <= ATOL
+
+
+@pytest.mark.timeout(60)
+def test_a_recipe_that_rebuilds_another_model_is_refused_before_storing(tmp_path):
+    """Workers rebuild stages from the recipe: one missing the model's num_classes would store unloadable blocks."""
+    from edgesplit.partitioner import BlockStore
+    from edgesplit.partitioner.errors import UsageError
+
+    kw = {"img_size": 32, "patch_size": 4, "depth": 2}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=100, **kw).eval()
+    store = BlockStore(tmp_path / "s")
+    with pytest.raises(UsageError, match=r"head.weight: model \(100, 192\), recipe \(1000, 192\)"):
+        partition(vit, "variant", timm_recipe("vit_tiny_patch16_224", **kw), store, profile=False)
+    assert not any((tmp_path / "s").rglob("*.safetensors")) and store.list_models() == []
+    partition(vit, "variant", timm_recipe("vit_tiny_patch16_224", num_classes=100, **kw), store, profile=False)

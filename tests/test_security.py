@@ -371,7 +371,7 @@ def test_keygen_command(tmp_path, capsys):
     assert main(["keygen", "--role", "operator", "--name", "ops", "--out", str(tmp_path)]) == 0
     assert "ops.key_secret" in capsys.readouterr().out
     assert load_keys(tmp_path).me.role == "operator"
-    assert main(["keygen", "--role", "operator", "--name", "ops", "--out", str(tmp_path)]) == 1  # never overwrites
+    assert main(["keygen", "--role", "operator", "--name", "ops", "--out", str(tmp_path)]) == 2
 
 
 def test_key_files(tmp_path):

@@ -15,6 +15,7 @@ import socket as pysocket
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import zmq
 
 from edgesplit.partitioner import EdgesplitError
@@ -27,6 +28,8 @@ from ..protocol import Err, Msg
 from ..transport import SocketOptions, dealer, recv, send
 from .deploy import Deployer, _reply
 from .measure import Measurer
+
+HEADER_SLACK_BYTES = 256  # the heartbeat's header beside its body (type, rid, budget)
 
 if TYPE_CHECKING:
     from .daemon import Worker
@@ -60,10 +63,23 @@ class ControlLoop:
         w = self.w
         nexts = {ep for s in w.stages.values() for ep in s.info.next}  # links of stages gone are not reported
         rates = {f"link_rate_bps {ep}": m.rate for ep, m in list(w.rates.items()) if m.rate is not None and ep in nexts}
-        return {"stages": [s.info.to_msg() for s in w.stages.values()],
+        body = {"stages": [s.info.to_msg() for s in w.stages.values()],
                 "telemetry": {**w.telemetry.sample(), **rates},
                 "stats": w.stats.report(), "cache": w.cache.report(), "resident": w.resident_stages(),
                 "counters": w.counters(), "queue": w.inq.qsize(), "kept": len(w.dataplane.kept)}
+        body["metrics"] = self.metrics_body(P.HEADER_MAX_BYTES - HEADER_SLACK_BYTES - len(msgpack.packb(body)))
+        return body
+
+    def metrics_body(self, room: int) -> dict[str, Any]:
+        """Cumulative figures for the coordinator's /metrics, in at most ``room`` packed bytes (see :func:`fit_rows`).
+
+        ``outcomes`` [[model, outcome, n]], ``links`` [[endpoint, payload bytes, messages]] sent to next
+        stages, ``hist`` [[model, hop, sum_ms, [n per bucket of COMPUTE_BUCKETS_MS, then +Inf]]]; all since start.
+        """
+        dp = self.w.dataplane
+        return fit_rows({"outcomes": [[m, o, n] for (m, o), n in sorted(list(dp.outcomes.items()))],
+                         "links": [[ep, n, dp.link_msgs[ep]] for ep, n in sorted(list(dp.link_bytes.items()))],
+                         "hist": self.w.stats.histograms()}, room)
 
     def run(self) -> None:
         w = self.w
@@ -179,3 +195,20 @@ class ControlLoop:
         stage.link_out = new  # one attribute swap: a request in compute uses the old spec or the new one
         self.log.info("link after stage %d of %s now %s", hop, model, new.to_msg())
         _reply(sock, P.encode(Msg.LINK, msg.rid, 0, {"body": {"model": model, "hop": hop, "link": new.to_msg()}}))
+
+
+def fit_rows(sections: dict[str, list[Any]], room: int) -> dict[str, list[Any]]:
+    """``sections`` with rows taken in order while their msgpack bytes fit ``room``; the rest left out.
+
+    The heartbeat travels in one header of at most ``HEADER_MAX_BYTES``: however many models and
+    stages a worker has seen, these additions never push it over.
+    """
+    out: dict[str, list[Any]] = {k: [] for k in sections}
+    room -= len(msgpack.packb(out)) + 16  # the key naming it, and list headers growing past 15 rows
+    for key, rows in sections.items():
+        for row in rows:
+            room -= len(msgpack.packb(row))
+            if room < 0:
+                return out
+            out[key].append(row)
+    return out

@@ -36,7 +36,7 @@ import zmq
 
 from edgesplit.partitioner import BlockStore, MissingBlocksError
 
-from .. import dummy  # noqa: F401  (registers the "dummy" builder used by routing tests and benchmarks)
+from .. import dummy
 from .. import protocol as P
 from ..cache import BlockCache
 from ..config import opt
@@ -53,7 +53,9 @@ from .residency import Load, Residency
 from .stage import Stage, StageStats
 
 log = logging.getLogger("edgesplit.worker")
+_REGISTERED = (dummy,)  # imported to register the "dummy" builder (routing tests, benchmarks)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DEVICE = re.compile(r"(cpu|cuda|mps)(?::([0-9]{1,3}))?")  # what a worker computes on (torch takes more kinds)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class WorkerConfig:
     advertise: str | None = opt(None, "endpoint peers connect to (default: the bound address, with * replaced by "
                                       "this host's address towards the coordinator)")
     store: str = opt("./worker-store", "local block store; blocks it lacks are fetched from the coordinator into it")
-    device: str = opt("cpu", "where stages run: cpu, cuda or cuda:N")
+    device: str = opt("cpu", "where stages run: cpu, cuda, cuda:N or mps (checked at start)")
     memory_budget_bytes: int = opt(2 * 1024**3, "bytes of block tensors kept resident (e.g. 2GiB); stages of "
                                                 "several models share it, least needed blocks evicted first",
                                    alias="--memory-budget")
@@ -101,16 +103,21 @@ class Worker:
 
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device} asked for, but torch sees no CUDA device; use --device cpu")
+        # every check of the settings first: a mistake must leave no store directory and no bound socket behind
+        self.device = check_device(cfg.device)
         self.name = cfg.name or pysocket.gethostname().split(".")[0]
         if not _NAME.fullmatch(self.name):
             raise ConfigError(f"worker name {self.name!r} must be 1-64 of letters, digits and . _ - ; pass --name")
-        if cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
         if not 1.0 <= cfg.slowdown <= 1000.0:
             raise ConfigError(f"--slowdown must be in [1, 1000], got {cfg.slowdown}")
+        keys = load_keys(cfg.keys) if cfg.keys else None
+        if keys is not None and keys.me.role != "worker":
+            raise ConfigError(f"{keys.root}: a worker needs a worker key, this directory's secret key "
+                              f"{keys.me.name} is a {keys.me.role} key")
+        self.coordinator_key = keys.coordinator_key() if keys is not None else None
+        check_exposure(f"worker {self.name}", cfg.bind, keys is not None, cfg.insecure)
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
         # the identity on every socket: the name plus a per-process tag, so two processes never share one
         self.ident = f"{self.name}/{os.urandom(4).hex()}".encode()
         # data links' ids: another random tag, so a peer that sees them (a requester) never learns the control id
@@ -121,12 +128,6 @@ class Worker:
         self.residency = Residency(self.cache)
         self.ctx = zmq.Context(io_threads=1)
         self.opts = SocketOptions(hwm_msgs=P.DATA_HWM_MSGS, max_frame_bytes=cfg.max_frame_bytes)
-        keys = load_keys(cfg.keys) if cfg.keys else None
-        if keys is not None and keys.me.role != "worker":
-            raise ConfigError(f"{keys.root}: a worker needs a worker key, this directory's secret key "
-                              f"{keys.me.name} is a {keys.me.role} key")
-        self.coordinator_key = keys.coordinator_key() if keys is not None else None
-        check_exposure(f"worker {self.name}", cfg.bind, keys is not None, cfg.insecure)
         self.sec = Security(self.ctx, keys, {DATA: CONNECT[DATA]})
         # keyed: data endpoint -> that worker's key, from the coordinator (DEPLOY orders and NOTICEs)
         self.peer_keys: dict[str, str] = {}
@@ -251,6 +252,28 @@ class Worker:
                 self.events.put(("alive", ep))
         self.waker.wake()
         return freed
+
+
+def check_device(text: str) -> torch.device:
+    """``text`` as a torch device a worker can compute on: cpu, cuda, cuda:N (N < the GPUs torch sees) or mps.
+
+    Checked at start, before anything is created, so a typo (``tpu``, ``cuda:abc``, ``gpu``) or a
+    machine without the device ends with one line instead of torch's error on the first block.
+    """
+    m = _DEVICE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise ConfigError(f"--device {text!r} is not a device; use cpu, cuda, cuda:N (a GPU's index) or mps "
+                          "(also EDGESPLIT_DEVICE)")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {text} asked for, but torch sees no CUDA device; use --device cpu")
+        if index is not None and int(index) >= count:
+            raise ConfigError(f"--device {text}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {text} asked for, but torch sees no MPS device; use --device cpu")
+    return torch.device(text.strip())
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -88,6 +88,12 @@ class DataPlane:
         # sender route -> pairs to ACK, with each pair's receipt time (wall clock), so the ACK says how long it was held
         self.acks_out: dict[tuple[bytes, ...], list[tuple[bytes, int, float]]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        # per (model, outcome): how requests ended here (result, forwarded, deadline_dropped, timeout, overloaded,
+        # or the error reported: bad_input, worker_lost, ...) and payload bytes/messages sent per next-stage endpoint;
+        # the heartbeat reports them for the coordinator's /metrics
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.link_bytes: collections.Counter[str] = collections.Counter()
+        self.link_msgs: collections.Counter[str] = collections.Counter()
         self._rr = 0
         self.paused: dict[str, float] = {}  # next-stage endpoint -> no sends before (it said OVERLOADED)
         # kept keys to send again (refused as OVERLOADED, or replayed), oldest first: the loop looks here
@@ -235,12 +241,14 @@ class DataPlane:
             return
         if msg.budget_ms <= 0:
             self.counters["expired"] += 1
+            self.outcomes[(model, "deadline_dropped")] += 1
             self.ack(route, msg.rid, hop)  # custody ends here, unrun
             return
         try:
             w.inq.put_nowait(Job(msg, route, t_recv, time.monotonic() + msg.budget_ms / 1000.0))
         except queue.Full:
             self.counters["overloaded"] += 1
+            self.outcomes[(model, "overloaded")] += 1
             self.reply_link(route, P.encode_error(msg.rid, Err.OVERLOADED, f"worker {w.name}'s input queue is full "
                                                   f"({w.cfg.queue_depth} requests)", hop=hop))
             return
@@ -302,10 +310,11 @@ class DataPlane:
         msg = job.msg
         rid, hop, model, rep, rk = msg.rid, msg.get("hop"), msg.get("mdl"), msg.get("rep"), msg.get("rk")
         if done.expired:
+            self.outcomes[(model, "deadline_dropped")] += 1
             self._ack_upstream(job)
             return True
         if done.error is not None:
-            self.report(rep, rid, hop, job.deadline, *done.error, att=msg.get("att", 0), rk=rk)
+            self.report(rep, rid, hop, job.deadline, *done.error, att=msg.get("att", 0), rk=rk, model=model)
             self._ack_upstream(job)
             return True
         stage = done.stage
@@ -327,13 +336,14 @@ class DataPlane:
             if not self.reply_links.send(rep, frames, job.deadline, droppable=True, server_key=rk):
                 self.counters["replies_dropped"] += 1
             self.counters["results"] += 1
+            self.outcomes[(model, "result")] += 1
             self._ack_upstream(job)
             return True
         if not self._live(stage.info.next):
             names = sorted({self.lost_peers.get(ep, ep) for ep in stage.info.next})
             self.report(rep, rid, hop + 1, job.deadline, Err.WORKER_LOST, f"every worker of stage {hop + 1} of "
                         f"{model} ({', '.join(names)}) was lost; the coordinator re-plans, then resend",
-                        att=msg.get("att", 0), rk=rk)
+                        att=msg.get("att", 0), rk=rk, model=model)
             self._ack_upstream(job)
             return True
         fields["rep"] = rep
@@ -353,6 +363,8 @@ class DataPlane:
                                          P.total_bytes(frames[1:]), time.monotonic(),
                                          stage.info.next, att, rk=rk)
         self.counters["sent"] += 1
+        self.outcomes[(model, "forwarded")] += 1
+        self._sent(dest, self.kept[(rid, hop + 1)].nbytes)
         self._ack_upstream(job)
         return True
 
@@ -361,17 +373,18 @@ class DataPlane:
         msg = done.job.msg
         self.report(msg.get("rep"), msg.rid, msg.get("hop"), done.job.deadline, Err.BAD_MESSAGE,
                     f"worker {self.w.name} cannot send the output of stage {msg.get('hop')} of {msg.get('mdl')}: {e}",
-                    att=msg.get("att", 0), rk=msg.get("rk"))
+                    att=msg.get("att", 0), rk=msg.get("rk"), model=msg.get("mdl") or "")
         self._ack_upstream(done.job)
         return True
 
     def report(self, rep: str | None, rid: bytes, hop: int, deadline: float, code: Err, reason: str,
-               att: int = 0, rk: str | None = None) -> None:
+               att: int = 0, rk: str | None = None, model: str = "") -> None:
         """Send a request's ERROR to its requester: best effort, bounded, dropped if it does not take it.
 
         ``att`` says which attempt failed, so a requester that has replayed it ignores the old news.
         """
         self.counters["errors"] += 1
+        self.outcomes[(model, P.ERR_NAMES.get(code, "INTERNAL").lower())] += 1
         fields = {"hop": hop, "att": min(att, 255)} if att else {"hop": hop}
         if rep and not self.reply_links.send(rep, P.encode_error(rid, code, reason, **fields), deadline, droppable=True,
                                        server_key=rk):
@@ -405,7 +418,11 @@ class DataPlane:
                 return
             del self.kept[(msg.rid, hop)]
             self.report(k.rep, msg.rid, k.hop, k.deadline, Err(code) if code in P.ERR_NAMES else Err.INTERNAL, reason,
-                        att=k.att, rk=k.rk)
+                        att=k.att, rk=k.rk, model=k.model)
+
+    def _sent(self, dest: str, nbytes: int) -> None:
+        self.link_bytes[dest] += nbytes
+        self.link_msgs[dest] += 1
 
     def _retry(self, now: float) -> None:
         """Send again what a next stage refused as OVERLOADED (or a lost worker held), as replicas get room."""
@@ -421,6 +438,7 @@ class DataPlane:
             if self.links.send(dest, frames, k.deadline):
                 k.dest, k.frames, k.retry_at, k.t_send = dest, frames, 0.0, now
                 del self.retrying[key]
+                self._sent(dest, k.nbytes)
 
     def on_peer_lost(self, endpoint: str, name: str) -> None:
         """Replay every output that waited on the lost worker to a live replica, else report it lost."""
@@ -445,7 +463,7 @@ class DataPlane:
             failed += 1
             self.report(k.rep, key[0], k.hop, k.deadline, Err.WORKER_LOST,
                         f"worker {name} ({endpoint}) running stage {k.hop} of {k.model} was lost before finishing "
-                        "and no replica of it is alive", att=k.att, rk=k.rk)
+                        "and no replica of it is alive", att=k.att, rk=k.rk, model=k.model)
         self._retry(now)
         self.counters["replayed"] += replayed
         if replayed or failed:
@@ -459,6 +477,7 @@ class DataPlane:
                 del self.kept[key]
                 self.links.discard(k.dest, k.frames)
                 self.counters["kept_expired"] += 1
+                self.outcomes[(k.model, "timeout")] += 1
         self.links.expire(now)
         self.reply_links.expire(now)
 

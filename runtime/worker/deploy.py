@@ -8,6 +8,11 @@ no memory, replacing the model's old ones in one reference swap) and, unless the
 says ``load: false``, made resident by loading only the blocks the cache lacks. A
 PREFETCH makes a registered model resident ahead of its requests, evicting by the
 coordinator's hint of which models come next.
+
+A fetch logs its progress every ``PROGRESS_EVERY_S`` (blocks and bytes of the total, rate)
+and reports it in heartbeats, as the counters ``fetch_done_bytes`` / ``fetch_total_bytes``
+(gauges over the fetches in progress, 0 when none), so ``edgesplit deploy`` can show it:
+the coordinator passes worker counters on as ``count_*`` telemetry unchanged.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from .stage import Stage, stage_skeleton
 if TYPE_CHECKING:
     from .daemon import Worker
 
+PROGRESS_EVERY_S = 2.0  # a fetch that takes longer logs its progress this often (boards fetch GBs over Wi-Fi)
+
 
 class _Deploy:
     """A DEPLOY order in progress: fetch missing blocks chunk by chunk, then build the stages.
@@ -44,7 +51,8 @@ class _Deploy:
     """
 
     def __init__(self, rid: bytes, manifest: ModelManifest | None, plan: int, stages: list[StageInfo],
-                 links: list[tuple[LinkSpec, LinkSpec]], missing: list[str], load: bool) -> None:
+                 links: list[tuple[LinkSpec, LinkSpec]], missing: list[str], load: bool,
+                 sizes: dict[str, int] | None = None) -> None:
         self.rid, self.manifest, self.plan, self.stages, self.links = rid, manifest, plan, stages, links
         self.load = load
         self.prev: dict[int, tuple[str, ...]] = {}  # keyed: hop -> endpoints of the previous hop's workers
@@ -61,6 +69,19 @@ class _Deploy:
         self.loading: concurrent.futures.Future | None = None
         self.freed = 0
         self.t0 = time.monotonic()
+        # progress: the manifest's tensor bytes estimate each block until its first chunk tells its file size
+        self.n_missing = len(missing)
+        self.estimates = {bid: (sizes or {}).get(bid, 0) for bid in missing}
+        self.total_bytes = sum(self.estimates.values())
+        self.t_logged = self.t0
+
+    @property
+    def fetching(self) -> bool:
+        return self.current is not None or bool(self.missing)
+
+    @property
+    def done_bytes(self) -> int:
+        return self.fetched_bytes + self.received
 
 
 class Deployer:
@@ -132,11 +153,12 @@ class Deployer:
         for rid, d in list(self.active.items()):  # an older order for this model must not install after this one
             if d.manifest is not None and d.manifest.name == model:
                 self.fail(sock, rid, Err.DEPLOY_FAILED, f"deploy of {model} plan {d.plan} superseded by plan {plan}")
-        self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing, load)
+        self.active[msg.rid] = _Deploy(msg.rid, manifest, plan, stages, links, missing, load, sizes)
         self.active[msg.rid].prev = prev
         w.peer_keys.update(keys)
-        self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch", model, plan,
-                      [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed))
+        self.log.info("deploy %s plan %d: stages %s; %d of %d blocks to fetch (~%s)", model, plan,
+                      [(s.hop, s.start, s.end) for s in stages], len(missing), len(needed),
+                      human_size(self.active[msg.rid].total_bytes))
 
     def on_chunk(self, sock: zmq.Socket, msg: P.Message) -> None:
         d = self.active.get(msg.rid)
@@ -160,6 +182,7 @@ class Deployer:
                                                           f"budget of {budget} B")
                 return
             d.size, d.buf = size, bytearray(size)
+            d.total_bytes += size - d.estimates.pop(bid, 0)
         d.buf[off:off + len(data)] = data
         d.received += len(data)
         d.outstanding -= 1
@@ -173,6 +196,25 @@ class Deployer:
             except Exception as e:  # noqa: BLE001  (storage, device memory, a bad manifest: this order only)
                 self.log.error("%s failed: %s", f"deploy of {d.manifest.name}" if d.manifest else "re-fetch", e)
                 self.fail(sock, d.rid, Err.DEPLOY_FAILED, str(e))
+        fetching = [d for d in self.active.values() if d.fetching]
+        self.w.load_counters["fetch_done_bytes"] = sum(d.done_bytes for d in fetching)
+        self.w.load_counters["fetch_total_bytes"] = sum(d.total_bytes for d in fetching)
+
+    def _log_progress(self, d: _Deploy, now: float, done: bool = False) -> None:
+        """Every ``PROGRESS_EVERY_S`` while fetching, and once at the end: blocks, bytes of the total, rate."""
+        if not done and now - d.t_logged < PROGRESS_EVERY_S:
+            return
+        d.t_logged = now
+        what = f"deploy of {d.manifest.name} plan {d.plan}" if d.manifest else "re-fetch"
+        n_done = d.n_missing - len(d.missing) - (d.current is not None)
+        rate = d.done_bytes / max(now - d.t0, 1e-6)
+        pct = 100.0 * d.done_bytes / d.total_bytes if d.total_bytes else 100.0
+        if done:
+            self.log.info("%s: fetched %d blocks, %s in %.1f s (%s/s)", what, d.n_missing,
+                          human_size(d.fetched_bytes), now - d.t0, human_size(rate))
+        else:
+            self.log.info("%s: fetching blocks, %d of %d done, %s of %s (%.0f%%) at %s/s", what, n_done,
+                          d.n_missing, human_size(d.done_bytes), human_size(d.total_bytes), pct, human_size(rate))
 
     def _advance(self, sock: zmq.Socket, d: _Deploy) -> None:
         """Request chunks within the credit, verify whole blocks, then build and install."""
@@ -183,9 +225,13 @@ class Deployer:
             d.fetched_bytes += len(data)
             d.verifying.append(self.loader.submit(w.store.put_bytes, bid, data))  # hash check off-thread
             d.current, d.buf, d.size, d.next_off, d.received, d.outstanding = None, None, -1, 0, 0, 0
+            self.log.debug("fetched block %s (%d B)", bid[:12], len(data))
+            if not d.missing:
+                self._log_progress(d, time.monotonic(), done=True)
         if d.current is None and d.missing:
             d.current = d.missing.popleft()
         if d.current is not None:
+            self._log_progress(d, time.monotonic())
             # the first chunk tells the size; after it, keep FETCH_CREDIT requests outstanding
             limit = 1 if d.size < 0 else P.FETCH_CREDIT
             while d.outstanding < limit and (d.size < 0 and d.next_off == 0 or 0 <= d.next_off < d.size):
@@ -201,8 +247,7 @@ class Deployer:
                 return
             f.result()  # raises BlockHashMismatch for a corrupt transfer
         if d.manifest is None:  # a re-fetch: the blocks are back in the store
-            self.active.pop(d.rid, None)
-            self.log.info("re-fetched %d B", d.fetched_bytes)
+            self.active.pop(d.rid, None)  # its progress line said what came back
             return
         if d.build is None:
             d.build = self.loader.submit(self._build, d)

@@ -1,6 +1,7 @@
 """What the worker's loops share about hosted stages: the stage record, its statistics, input checks."""
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 from dataclasses import dataclass, field
@@ -74,8 +75,13 @@ class Stage:
         return sum(self.sizes)
 
 
+# Upper bounds (ms) of the compute-time histogram each stage reports (``StageStats.histograms``), fixed so the
+# coordinator's Prometheus histograms add up across heartbeats and workers: 1 ms (a GPU block) to 10 s.
+COMPUTE_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0)
+
+
 class StageStats:
-    """Recent compute times per stage, read by the heartbeat (thread-safe)."""
+    """Recent compute times per stage and a histogram of all of them, read by the heartbeat (thread-safe)."""
 
     def __init__(self, window: int = 512) -> None:
         self.window = window
@@ -83,6 +89,8 @@ class StageStats:
         self._ms: dict[tuple[str, int], collections.deque] = {}
         self._count: collections.Counter = collections.Counter()
         self._errors: collections.Counter = collections.Counter()
+        self._buckets: dict[tuple[str, int], list[int]] = {}  # per bucket of COMPUTE_BUCKETS_MS, then +Inf
+        self._sum_ms: collections.Counter = collections.Counter()
 
     def add(self, key: tuple[str, int], ms: float | None) -> None:
         with self._lock:
@@ -91,6 +99,9 @@ class StageStats:
                 return
             self._ms.setdefault(key, collections.deque(maxlen=self.window)).append(ms)
             self._count[key] += 1
+            counts = self._buckets.setdefault(key, [0] * (len(COMPUTE_BUCKETS_MS) + 1))
+            counts[bisect.bisect_left(COMPUTE_BUCKETS_MS, ms)] += 1  # le: a time equal to a bound counts in it
+            self._sum_ms[key] += ms
 
     def p50_ms(self, key: tuple[str, int]) -> float:
         """Median recent compute time of a stage (0 when never run)."""
@@ -108,6 +119,12 @@ class StageStats:
                 mean = sum(ms) / len(ms) if ms else 0.0
                 out.append([key[0], key[1], self._count[key], round(p50, 4), round(mean, 4), self._errors[key]])
             return out
+
+    def histograms(self) -> list[list[Any]]:
+        """``[[model, hop, sum_ms, [count per bucket of COMPUTE_BUCKETS_MS, then +Inf]], ...]`` since start."""
+        with self._lock:
+            return [[key[0], key[1], round(self._sum_ms[key], 3), list(counts)]
+                    for key, counts in sorted(self._buckets.items())]
 
 
 def check_input(x: torch.Tensor, stage: Stage, worker: str) -> None:
