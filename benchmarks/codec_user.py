@@ -1,7 +1,7 @@
 """A codec for a user's own model, trained without labels: a timm ViT on digits, cut in the middle.
 
     python benchmarks/codec_user.py                  # seeds 1 2 3 (base models cached after the first run)
-    python benchmarks/codec_user.py --seeds 0 --codec-epochs 4   # one quick seed
+    python benchmarks/codec_user.py --seeds 0 --codec-epochs 2   # one quick seed
     python benchmarks/codec_user.py --retrain-base   # train the base models again even if cached
 
 Per seed s (s is the digits split's random_state, the base model's seed and the codec's seed):
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="split/base/codec seeds (default 1 2 3)")
     p.add_argument("--cut", type=int, default=6, help="block index of the cut (default 6: blocks.5 starts the "
                                                       "receiving side)")
-    p.add_argument("--codec-epochs", type=float, default=8, help="train-codec --epochs (default 8)")
+    p.add_argument("--codec-epochs", type=float, default=4, help="train-codec --epochs (default 4)")
     p.add_argument("--codec-args", nargs=argparse.REMAINDER, default=[], help="more train-codec flags, last")
     p.add_argument("--base-epochs", type=int, default=30, help="base ViT epochs (default 30)")
     p.add_argument("--base-lr", type=float, default=1e-3, help="base ViT AdamW learning rate (default 1e-3)")

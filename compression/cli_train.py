@@ -15,7 +15,7 @@ Two modes:
 Examples::
 
     # your model: a codec at block 6 of a partitioned ViT, trained on a folder of unlabelled images
-    edgesplit train-codec vit --store ./store --cut 6 --images ./photos --epochs 8
+    edgesplit train-codec vit --store ./store --cut 6 --images ./photos --epochs 4
     # ... or on digits (prints accuracy against labels too), only some budgets, a chosen name
     edgesplit train-codec vit --store ./store --cut 6 --images digits --budgets 8,16,32 --name mid
     # then attach it to a deployed link (stage cut 0) without restarting anything
@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edgesplit.partitioner.errors import EdgesplitError
+from edgesplit.partitioner.errors import EdgesplitError, UsageError
 
 from .errors import CodecError
 from .splitnets import list_splitnets
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "none: uncompressed only; fixed: b=BUDGET from the start (default: deprune)")
     s.add_argument("--epochs", type=_epochs, default=None,
                    help="epochs of the schedule; for prune, of its compressed part (default: 22, as the paper's "
-                        "Fig. 6); MODEL: passes over the training images (default: 8)")
+                        f"Fig. 6); MODEL: passes over the training images (default: {DistillConfig.epochs:g})")
     s.add_argument("--budget", type=int, default=4, help="channels kept in the high-compression phase "
                                                          "(default: %(default)s)")
     s.add_argument("--mid-budget", type=int, default=32, help="prune: the intermediate budget (default: %(default)s)")
@@ -182,7 +183,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--image-px", type=int, default=None,
                    help="digits are upsampled to this side (default: 32; MODEL: the model's input size)")
     o.add_argument("--train-limit", type=int, default=0, help="use only the first N training images, 0 = all "
-                                                              "(digits: 1347; for smoke runs)")
+                                                              "(digits: 1347; an image folder: its first N files, "
+                                                              "10%% of them held out; for smoke runs)")
+    o.add_argument("--eval-limit", type=int, default=0, help="MODEL: measure the table on the first N held-out "
+                                                             "inputs only, 0 = all (for smoke runs)")
     o.add_argument("--store", type=Path, help="block store directory: the trained codec and split model are "
                                               "saved there as blocks (MODEL: where it was partitioned; required)")
     o.add_argument("--out", type=Path, help="write metrics and descriptions as JSON to this file")
@@ -245,17 +249,21 @@ def _run_user(args: argparse.Namespace) -> int:
     missing = [flag for flag, v in (("--store DIR", args.store), ("--cut K", args.cut), ("--images DIR|digits",
                                                                                          args.images)) if v is None]
     if missing:
-        raise CodecError(f"MODEL {args.user_model} needs {', '.join(missing)} (the store it was partitioned into, "
+        raise UsageError(f"MODEL {args.user_model} needs {', '.join(missing)} (the store it was partitioned into, "
                          "the block index of the cut, the images to train on)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    store = BlockStore(args.store)
+    name = args.name or f"cut{args.cut}"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+        raise UsageError(f"--name {name!r}: a codec name is 1-64 letters, digits, '_', '.' or '-', not starting "
+                         "with '.' or '-'")
+    store = BlockStore(args.store, create=False)  # a typo must not leave an empty store behind
     manifest = store.manifest(args.user_model)
     cm = load_cut_model(store, manifest, args.cut)
     budgets = args.budgets
     codec = create_cut_codec(manifest, args.cut, kind=args.kind, min_budget=budgets[0] if budgets else 4,
                              r=args.r or 1, seed=args.seed)
-    data = load_cut_images(args.images, manifest, seed=args.split_seed or 0, limit=0)
+    data = load_cut_images(args.images, manifest, seed=args.split_seed or 0, limit=args.train_limit)
     x_train = data.x_train[:args.train_limit] if args.train_limit > 0 else data.x_train
     d = DistillConfig()
     cfg = DistillConfig(epochs=args.epochs or d.epochs, lr=args.lr or d.lr, batch_size=args.batch_size or d.batch_size,
@@ -272,10 +280,11 @@ def _run_user(args: argparse.Namespace) -> int:
     last = history[-1]
     print(f"trained {last['epoch']} epochs in {last['seconds']:.0f} s: "
           f"loss {last['loss']:.4f} (KL {last['kl']:.4f}, MSE {last['mse']:.4f})")
-    base, points = evaluate_cut(codec, cm, data.x_test, data.y_test, [*(budgets or codec.budgets), None],
+    n_eval = args.eval_limit if args.eval_limit > 0 else len(data.x_test)
+    y_eval = None if data.y_test is None else data.y_test[:n_eval]
+    base, points = evaluate_cut(codec, cm, data.x_test[:n_eval], y_eval, [*(budgets or codec.budgets), None],
                                 ("fp16", "int8"))
     print(format_points(base, points))
-    name = args.name or f"cut{args.cut}"
     desc = save_codec(store, codec)
     trained = {"images": data.source, "epochs": cfg.epochs, "seed": cfg.seed, "wire_dtype": cfg.wire_dtype,
                "temperature": cfg.temperature, "budgets": list(budgets or codec.budgets)}

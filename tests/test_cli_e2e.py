@@ -104,7 +104,7 @@ def test_a_deployment_through_the_cli_only(tmp_path):
         _wait("the link's bytes in /metrics", lambda: _link_bytes(mport)[1] >= 1)
         raw_bytes, raw_msgs = _link_bytes(mport)
         out = _ok("train-codec", MODEL, "--store", str(store), "--cut", "6", "--images", "digits", "--epochs", "1",
-                  "--train-limit", "256", "--budgets", "8,32", "--no-progress", timeout=400)
+                  "--train-limit", "256", "--eval-limit", "64", "--budgets", "8,32", "--no-progress", timeout=400)
         manifest = json.loads((store / "models" / f"{MODEL}.json").read_text())
         assert "cut6" in manifest["extra"]["codecs"]
         out = _ok("link", "--coordinator", ep, "--model", MODEL, "--cut", "0", "--codec", "cut6", "--budget", "8",

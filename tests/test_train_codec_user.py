@@ -173,9 +173,41 @@ def test_link_codec_attaches_live_on_a_cluster(trained, capsys):
             assert back["codec"] == "raw" and set(back["redeployed"]["fetched_bytes"].values()) == {0}
             f = cl.submit("tiny", x, trace=True)
             assert float((f.result(timeout=60) - ref).abs().max()) <= 1e-5 and f.info.trace[0][6] == raw_bytes
+
+            capsys.readouterr()
+            assert cli.main(["link", "--coordinator", lc.endpoint, "--model", "tiny", "--cut", "0", "--codec",
+                             "nosuch"]) != 0
+            assert "nosuch" in capsys.readouterr().err
+            f = cl.submit("tiny", x, trace=True)  # a failed attach leaves the link as it was
+            assert float((f.result(timeout=60) - ref).abs().max()) <= 1e-5 and f.info.trace[0][6] == raw_bytes
             alive = lc.alive()
             assert all(alive.values()), alive
         finally:
             cl.close()
     finally:
         lc.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["tokens", "fmap"])
+def test_pca_init_is_a_nested_reconstruction(kind):
+    """Before any training, full width is almost the identity and each larger budget reconstructs better."""
+    from edgesplit.compression import create_codec
+    from edgesplit.compression.distill import pca_init
+
+    g = torch.Generator().manual_seed(0)
+    d = 32 if kind == "tokens" else 16
+    basis = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)  # a decaying spectrum
+    if kind == "tokens":
+        h = torch.randn(64, TOKENS, d, generator=g) @ basis.T + 3.0  # (N, T, D)
+        codec = create_codec("tokens", dim=d)
+    else:  # a CNN's activation after ReLU: non-negative
+        h = torch.relu(torch.einsum("nhwc,dc->ndhw", torch.randn(32, 6, 6, d, generator=g), basis) + 1.0)
+        codec = create_codec("fmap", channels=d)
+    budgets = [*codec.budgets, None]
+    assert pca_init(codec, h, budgets)
+    with torch.no_grad():
+        errors = [float((codec(h, b, "fp32") - h).pow(2).mean() / h.var()) for b in budgets]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01, errors
+    strided = create_codec("fmap", channels=d, r=2)  # a strided encoder has no centre tap to start from
+    assert not pca_init(strided, torch.rand(2, d, 6, 6), budgets)
