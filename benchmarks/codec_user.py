@@ -1,6 +1,7 @@
 """A codec for a user's own model, trained without labels: a timm ViT on digits, cut in the middle.
 
-    python benchmarks/codec_user.py                  # seeds 1 2 3 (base models cached after the first run)
+    python benchmarks/codec_user.py                  # seeds 1 2 3: ~3.5 min once the base models are cached
+                                                     # (the first run trains them: ~1 h on 2 shared cores)
     python benchmarks/codec_user.py --seeds 0 --codec-epochs 2   # one quick seed
     python benchmarks/codec_user.py --retrain-base   # train the base models again even if cached
 
@@ -8,7 +9,8 @@ Per seed s (s is the digits split's random_state, the base model's seed and the 
 
 1. the user's model: timm ``vit_tiny_patch16_224`` with ``img_size=32, patch_size=4,
    num_classes=10`` (3 input channels, 12 blocks, 65 tokens x 192 at every cut) trained on the
-   training split of digits (AdamW, cosine, random shifts) and saved as safetensors
+   training split of digits (30 epochs, AdamW with a 3-epoch warm-up then cosine, clipped
+   gradients, no augmentation: 95.1-97.6 % held out) and saved as safetensors
    (``benchmarks/out/codec_user/base_s{s}_....safetensors``; reused when present);
 2. partitioned into a block store with ``edgesplit.partitioner.partition`` and ``timm_recipe``;
 3. ``edgesplit train-codec vit --store S --cut 6 --images digits --split-seed s --seed s``

@@ -548,7 +548,7 @@ def evaluate_cut(codec: FilteredCodec, cm: CutModel, x: torch.Tensor, y: torch.T
     ref_pred = acts.t.argmax(1)
     one = (1, *cm.shape)
     full_bytes = codec.wire_nbytes(one, None, "fp32")
-    base = CutBaseline(None if y is None else 100.0 * float((ref_pred == y).float().mean()), full_bytes, len(x))
+    base = CutBaseline(None if y is None else _percent(ref_pred, y), full_bytes, len(x))
     points = []
     for b in budgets:
         for d in wire_dtypes:
@@ -558,9 +558,13 @@ def evaluate_cut(codec: FilteredCodec, cm: CutModel, x: torch.Tensor, y: torch.T
                 preds.append(cm.tail(codec.decode(header, frames)).argmax(1))
             pred = torch.cat(preds)
             nbytes = codec.wire_nbytes(one, b, d)
-            points.append(CutPoint(b, d, nbytes, full_bytes / nbytes, 100.0 * float((pred == ref_pred).float().mean()),
-                                   None if y is None else 100.0 * float((pred == y).float().mean())))
+            points.append(CutPoint(b, d, nbytes, full_bytes / nbytes, _percent(pred, ref_pred),
+                                   None if y is None else _percent(pred, y)))
     return base, points
+
+
+def _percent(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100.0 * int((a == b).sum()) / len(b)
 
 
 def planner_points(base: CutBaseline, points: Sequence[CutPoint]) -> list[list[Any]]:
