@@ -50,9 +50,9 @@ from typing import Any
 
 from edgesplit.partitioner.errors import EdgesplitError, UsageError
 
+from .distill import DistillConfig
 from .errors import CodecError
 from .splitnets import list_splitnets
-from .distill import DistillConfig
 from .training import SCHEDULES, TrainConfig
 
 DEFAULT_EPOCHS = 22  # built-in mode (the paper's Fig. 6)
@@ -75,6 +75,7 @@ def _budget_list(text: str) -> tuple[int, ...]:
     if not out or out[0] < 1:
         raise argparse.ArgumentTypeError(f"budgets are positive integers like 8,16,32, got {text!r}")
     return out
+
 
 _MODEL_FLAGS = {  # CLI flag -> (split model it applies to, builder kwarg)
     "width": ("vgg11", "width"), "r": ("vgg11", "r"), "dim": ("vit", "dim"), "depth": ("vit", "depth"),

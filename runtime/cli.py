@@ -371,7 +371,8 @@ def commands() -> dict[str, tuple[str, Adder, Runner]]:
                    *_delegate("edgesplit.runtime.cli_status", "add_arguments", "run")),
         "workers": ("the same as status (list the workers and models a coordinator knows)",
                     *_delegate("edgesplit.runtime.cli_status", "add_arguments", "run")),
-        "link": ("change a deployed link's budget, wire dtype or rate live (no redeploy)", _add_link, _run_link),
+        "link": ("change a deployed link's budget, wire dtype or rate live; --codec attaches a trained codec "
+                 "(same stages re-deployed)", _add_link, _run_link),
         "plan": ("measure the workers and links, plan the split (stages, workers, codecs); --deploy to apply it",
                  *_delegate("edgesplit.runtime.cli_plan", "add_arguments", "run")),
         "keygen": ("make a CURVE key pair for a coordinator, worker, operator or user (keyed clusters)", _add_keygen,
