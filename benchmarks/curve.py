@@ -10,7 +10,7 @@
 Part 1 (transfer): one sender process streams activations of 64 KiB, 1, 4 and 16 MiB to one
 receiver process over tcp loopback through edgesplit's link exactly as ``transport.py``'s
 edgesplit kind does (``PeerLinks`` DEALER -> ``transport.router`` ROUTER, validating decode to a
-tensor, one batched ACK per drained batch, the sender keeping <= 64 messages until ACKed; its
+tensor, custody ACKs batched as a worker does, the sender keeping <= 64 messages until ACKed; its
 functions are imported, not copied), once open and once keyed: the keyed link is the same
 DEALER -> ROUTER with ``Security`` from ``runtime.security``, the receiver a CURVE server of
 domain ``DATA`` with its ZAP allow-list (role worker, as a worker's data socket), the sender a
@@ -82,6 +82,7 @@ def _curve_receiver(hwm: int, key_dir: str, ctl: Any, out: Any) -> None:
     import zmq
 
     from edgesplit.runtime import protocol as P
+    from edgesplit.runtime.acks import AckBatch
     from edgesplit.runtime.security import Security, load_keys
     from edgesplit.runtime.security.roles import CONNECT, DATA
     from edgesplit.runtime.transport import SocketOptions, recv, router, send
@@ -93,7 +94,7 @@ def _curve_receiver(hwm: int, key_dir: str, ctl: Any, out: Any) -> None:
     socks = {"open": router(ctx, "tcp://127.0.0.1:*", opts),
              "curve": router(ctx, "tcp://127.0.0.1:*", opts, sec=sec, domain=DATA)}
     out.put({"endpoints": {k: ep for k, (_, ep) in socks.items()}, "key": keys.public.decode()})
-    acks: dict[bytes, list[tuple[bytes, int]]] = {}
+    acks = AckBatch()  # transport.py's receiver: the worker's custody ACKs, batched within ACK_DELAY_S
 
     def handlers(kind: str) -> tuple[Any, Any, Any, Any]:
         """(socket, receive, take, flush) of one kind: transport.py's edgesplit receiver, keyed or not."""
@@ -110,13 +111,12 @@ def _curve_receiver(hwm: int, key_dir: str, ctl: Any, out: Any) -> None:
                     raise RuntimeError(f"keyed receiver: a message from {peer} (no authenticated worker key)")
             m = P.decode(frames)
             m.tensor(0)
-            acks.setdefault(route[0], []).append((m.rid, m.get("hop")))
+            acks.add(tuple(route), m.rid, m.get("hop"), time.time())
 
-        def flush() -> None:
-            for route, pairs in acks.items():
-                for ack in P.encode_acks(pairs):
-                    send(rtr, ack, route=[route], block=True)
-            acks.clear()
+        def flush(force: bool) -> float | None:
+            for route, ack in acks.take(time.monotonic(), force):
+                send(rtr, ack, route=route, block=True)
+            return acks.wait_s(time.monotonic())
 
         return rtr, receive, take, flush
 

@@ -11,15 +11,15 @@ receiver process over tcp loopback, (a) through edgesplit's link as a worker sen
 ``protocol.encode`` of a RUN through ``PeerLinks`` (the worker's DEALER options, so a tensor frame
 under ``protocol.ZERO_COPY_MIN_BYTES`` is copied and a larger one goes zero-copy, and its
 non-blocking outbox), the receiver's ``transport.recv`` and
-validating ``decode`` to a tensor, one batched ACK (``protocol.encode_acks``) per sender for
-everything drained in one poll cycle, and the sender keeping every message (at most 64) until
-an ACK names it -- and (b) through raw pyzmq PUSH/PULL with pyzmq's defaults, one frame per
+validating ``decode`` to a tensor, custody ACKs batched as a worker batches them (``acks.AckBatch``:
+one ACK message per sender for everything taken on within ``ACK_DELAY_S``), and the sender keeping
+every message (at most 64) until an ACK names it -- and (b) through raw pyzmq PUSH/PULL with pyzmq's defaults, one frame per
 message sent with ``copy=False`` (zero-copy from pyzmq's 64 KiB ``COPY_THRESHOLD`` on) and received
 zero-copy (``recv(copy=False)``, the cheapest receive pyzmq has), from the same kind of memory
 (a torch tensor's: numpy would back a large array with huge pages) and with the same high-water marks
 (``--hwm``, default ``protocol.DATA_HWM_MSGS``). Both kinds share the two processes and their rounds
 alternate, so each edgesplit round is compared with a raw round next to it in time; the
-ratio is the median over ``--repeats`` such pairs. Each process's CPU time (all threads)
+ratio is the median over ``--repeats`` such pairs, each round moving about 1 GiB. Each process's CPU time (all threads)
 per message is printed too: on a loaded machine it moves much less than the rates.
 
 Part 2 (pipeline): a coordinator and 2 worker processes (one torch thread each), a model
@@ -48,8 +48,11 @@ SIZES = [64 * 1024, 1 << 20, 4 << 20, 16 << 20]
 OUT = Path(__file__).resolve().parent / "out"
 
 
+ROUND_BYTES = 1 << 30  # per timed round: a quarter to half a second here; 64 MiB rounds (~20 ms) were mostly noise
+
+
 def _n_messages(size: int) -> int:
-    return max(16, min(1000, (64 << 20) // size))  # about 64 MiB per timed round
+    return max(64, min(16384, ROUND_BYTES // size))
 
 
 # --- part 1: transfer --------------------------------------------------------------------------
@@ -78,14 +81,19 @@ def _receive_round(sock: Any, receive: Any, take: Any, flush: Any, total: int, w
     got = batches = 0
     t0 = cpu0 = None
     got0 = 0
+    quiet_since = time.monotonic()
     while got < total:
-        if not sock.poll(60_000):  # a lost message ends the run with an error, not a hang
-            raise TimeoutError(f"receiver: nothing for 60 s after {got} of {total} messages")
+        wait = flush(False)  # seconds until owed ACKs are due (None: none owed)
+        if not sock.poll(60_000 if wait is None else int(wait * 1000 + 0.999)):
+            if wait is None or time.monotonic() - quiet_since > 60:  # a lost message ends the run with an error
+                raise TimeoutError(f"receiver: nothing for 60 s after {got} of {total} messages")
+            continue
+        quiet_since = time.monotonic()
         got += _drain(receive, take, P.MAX_ACKS)
         batches += 1
-        flush()
         if t0 is None and got >= warmup:
             t0, cpu0, got0 = time.perf_counter(), time.process_time(), got
+    flush(True)  # the sender waits for every ACK
     n = max(1, got - got0)
     return {"s_per_msg": (time.perf_counter() - t0) / n, "recv_cpu": (time.process_time() - cpu0) / n,
             "msgs_per_batch": got / batches}
@@ -97,6 +105,7 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
     import zmq
 
     from edgesplit.runtime import protocol as P
+    from edgesplit.runtime.acks import AckBatch
     from edgesplit.runtime.transport import SocketOptions, recv, router, send
 
     ctx = zmq.Context()
@@ -106,7 +115,8 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     rtr, endpoint = router(ctx, "tcp://127.0.0.1:*", SocketOptions(hwm_msgs=hwm))
     out.put({"raw": f"tcp://127.0.0.1:{port}", "edgesplit": endpoint})
-    acks: dict[bytes, list[tuple[bytes, int]]] = {}
+    acks = AckBatch()  # the worker's: custody ACKs leave together, within ACK_DELAY_S
+    acks_sent = [0]
 
     def receive_raw() -> Any:
         return pull.recv(zmq.NOBLOCK, copy=False)  # one frame: no RCVMORE to ask about
@@ -121,19 +131,21 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
         route, frames = msg
         m = P.decode(frames)
         m.tensor(0)  # a tensor over the frame, as the worker's compute gets it
-        acks.setdefault(route[0], []).append((m.rid, m.get("hop")))
+        acks.add(tuple(route), m.rid, m.get("hop"), time.time())
 
-    def ack_batch() -> None:
-        for route, pairs in acks.items():  # custody of the whole drained batch: one ACK per sender
-            for ack in P.encode_acks(pairs):
-                send(rtr, ack, route=[route], block=True)  # the worker parks what cannot go; here nothing is lost
-        acks.clear()
+    def ack_due(force: bool) -> float | None:
+        for route, ack in acks.take(time.monotonic(), force):  # one ACK message per sender
+            send(rtr, ack, route=route, block=True)  # the worker parks what cannot go; here nothing is lost
+            acks_sent[0] += 1
+        return acks.wait_s(time.monotonic())
 
     for kind, total, warmup in iter(ctl.get, None):
         if kind == "raw":
-            out.put(_receive_round(pull, receive_raw, take_raw, lambda: None, total, warmup))
+            out.put(_receive_round(pull, receive_raw, take_raw, lambda force: None, total, warmup))
         else:
-            out.put(_receive_round(rtr, receive_edgesplit, take_edgesplit, ack_batch, total, warmup))
+            acks_sent[0] = 0
+            res = _receive_round(rtr, receive_edgesplit, take_edgesplit, ack_due, total, warmup)
+            out.put({**res, "msgs_per_ack": total / max(1, acks_sent[0])})
     pull.close()
     rtr.close()
     ctx.term()
@@ -267,17 +279,21 @@ def _summary(size: int, rounds: list[dict[str, float]]) -> dict[str, Any]:
     return {"gb_per_s": size / med / 1e9, "us_per_msg": med * 1e6,
             "send_cpu_us": statistics.median(r["send_cpu"] for r in rounds) * 1e6,
             "recv_cpu_us": statistics.median(r["recv_cpu"] for r in rounds) * 1e6,
-            "msgs_per_batch": statistics.median(r["msgs_per_batch"] for r in rounds), "rounds": rounds}
+            "msgs_per_batch": statistics.median(r["msgs_per_batch"] for r in rounds),
+            "msgs_per_ack": statistics.median(r.get("msgs_per_ack", 0.0) for r in rounds), "rounds": rounds}
 
 
 def run_transfer(args: argparse.Namespace) -> list[dict]:
     from edgesplit.runtime import protocol as P
+    from edgesplit.runtime.acks import ACK_DELAY_S
 
     rows = []
     print(f"\n[transfer] tcp loopback, HWM {args.hwm} msgs on both kinds' sockets, {args.repeats} pairs of timed "
-          f"rounds (~64 MiB each, after {args.warmup} messages that fill the pipe), kinds alternating; medians.\n"
+          f"rounds (~{ROUND_BYTES >> 20} MiB each, after {args.warmup} messages that fill the pipe), kinds "
+          f"alternating; medians.\n"
           f"edgesplit: RUN encode + frame (copied under {P.ZERO_COPY_MIN_BYTES >> 10} KiB), validating decode to a "
-          f"tensor, one batched ACK per drained batch, sender keeps <= 64 until ACKed.\n"
+          f"tensor, custody ACKs batched as a worker does (one message per sender within {ACK_DELAY_S * 1e3:g} ms), "
+          f"sender keeps <= 64 until ACKed.\n"
           f"ratio = median over pairs of edgesplit/raw throughput; CPU = sender+receiver process CPU (all threads) "
           f"per message")
     print(f"{'size':>8}  {'raw GB/s':>9} {'us/msg':>8} {'CPU us':>11}  {'edgesplit GB/s':>14} {'us/msg':>8} "
@@ -292,7 +308,7 @@ def run_transfer(args: argparse.Namespace) -> list[dict]:
         label = f"{size >> 10} KiB" if size < (1 << 20) else f"{size >> 20} MiB"
         print(f"{label:>8}  {raw['gb_per_s']:>9.2f} {raw['us_per_msg']:>8.1f} "
               f"{raw['send_cpu_us']:>5.0f}+{raw['recv_cpu_us']:<5.0f}  {es['gb_per_s']:>14.2f} {es['us_per_msg']:>8.1f} "
-              f"{es['send_cpu_us']:>5.0f}+{es['recv_cpu_us']:<5.0f} {es['msgs_per_batch']:>8.1f}  {ratio:>5.2f} "
+              f"{es['send_cpu_us']:>5.0f}+{es['recv_cpu_us']:<5.0f} {es['msgs_per_ack']:>8.1f}  {ratio:>5.2f} "
               f"({min(ratios):.2f}-{max(ratios):.2f})  {cpu_ratio:>9.2f}", flush=True)
         rows.append({"size_bytes": size, "messages_per_round": _n_messages(size), **res, "ratio": ratio,
                      "pair_ratios": ratios, "cpu_ratio": cpu_ratio})
@@ -408,7 +424,7 @@ def _plot(transfer: list[dict]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["all", "transfer", "pipeline"], default="all", help="what to measure")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per size and link kind (median reported)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds per size and link kind (median reported)")
     p.add_argument("--warmup", type=int, default=16, help="warm-up messages before timing")
     p.add_argument("--sizes", type=lambda v: [int(float(x) * 1024) for x in v.split(",")], default=SIZES,
                    help="transfer sizes in KiB, comma-separated (default: 64,1024,4096,16384)")

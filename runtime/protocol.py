@@ -19,7 +19,8 @@ are turned into tensors *without copying*: a received tensor borrows the frame's
 so treat it as read-only and keep it (not the frame) alive as long as you use it.
 
 ACKs are cumulative: one ACK message may take custody of up to ``MAX_ACKS`` (rid, hop)
-pairs, so a receiver that drains several RUNs in one poll cycle answers each sender once.
+pairs, so a receiver answers each sender once for everything it took on in a short interval
+(``acks.AckBatch``: 1 ms).
 The first pair travels in the usual ``rid``/``hop`` keys (a single ACK is exactly the
 plain ACK it always was); the others, if any, in ``acks`` as ``[[rid, hop], ...]``
 (msgpack bin 16 + positive fixint, 20 B a pair, so 256 pairs fit a 5 KiB header).
@@ -620,7 +621,7 @@ def encode_acks(pairs: Sequence[tuple[bytes, int]], held_us: Sequence[int] | Non
     ``held_us`` (one per pair): how long this end held each pair since receipt, so the sender
     can time its link to receipt rather than to the ACK (header ``held``).
 
-    One message per drained batch instead of one per RUN is what makes custody cheap:
+    One message per sender per ``acks.ACK_DELAY_S`` instead of one per RUN is what makes custody cheap:
     the sender still drops nothing until the pair comes back (:meth:`Message.acked`).
     Returns:
         A list of messages (each a frame list for ``send_multipart``); empty for no pairs.

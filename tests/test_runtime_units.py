@@ -11,6 +11,7 @@ import zmq
 
 from edgesplit.partitioner import BlockStore, MissingBlocksError
 from edgesplit.runtime import protocol as P
+from edgesplit.runtime.acks import AckBatch
 from edgesplit.runtime.cache import BlockCache
 from edgesplit.runtime.config import add_arguments, from_args, from_mapping, load_file, parse_size
 from edgesplit.runtime.errors import ConfigError, DeployError, ProtocolError
@@ -226,6 +227,30 @@ def test_rate_meter_times_back_to_back_transfers_from_the_previous_ack():
 
 
 # --- outboxes and back-pressure ------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_ack_batch_waits_for_company_then_acknowledges_every_pair_once():
+    acks = AckBatch(delay_s=0.05)
+    assert acks.wait_s(time.monotonic()) is None and acks.take(time.monotonic(), force=True) == []
+    rids = [P.new_rid() for _ in range(3)]
+    t_wall = time.time()
+    acks.add((b"a",), rids[0], 1, t_wall - 0.010)  # held 10 ms before it came
+    acks.add((b"b",), rids[1], 2, t_wall)
+    acks.add((b"a",), rids[2], 1, t_wall)
+    now = time.monotonic()
+    assert 0 < acks.wait_s(now) <= 0.05 and acks.take(now) == []  # not due: nothing leaves, nothing is lost
+    assert len(acks) == 3
+    out = acks.take(now + 0.06)
+    assert len(acks) == 0 and acks.wait_s(now) is None
+    by_route = {tuple(route): P.decode(frames) for route, frames in out}
+    assert set(by_route) == {(b"a",), (b"b",)}  # one message per sender
+    assert by_route[(b"a",)].acked() == [(rids[0], 1), (rids[2], 1)]
+    assert by_route[(b"b",)].acked() == [(rids[1], 2)]
+    assert by_route[(b"a",)].held_s()[0] >= 0.010
+    for _ in range(P.MAX_ACKS):  # a full message's worth is due at once
+        acks.add((b"a",), P.new_rid(), 1, t_wall)
+    assert acks.wait_s(time.monotonic()) == 0.0 and len(acks.take(time.monotonic())) == 1
+
+
 @pytest.mark.timeout(30)
 def test_peer_links_park_until_the_peer_is_up_then_deliver_in_order():
     ctx = zmq.Context()

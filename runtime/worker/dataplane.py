@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .. import protocol as P
+from ..acks import AckBatch
 from ..errors import ProtocolError
 from ..protocol import Err, Msg
 from ..security.roles import RUNNERS
@@ -86,7 +87,7 @@ class DataPlane:
         self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
         self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
         # sender route -> pairs to ACK, with each pair's receipt time (wall clock), so the ACK says how long it was held
-        self.acks_out: dict[tuple[bytes, ...], list[tuple[bytes, int, float]]] = {}
+        self.acks = AckBatch()  # custody taken, ACKs not yet sent (they leave together, within 1 ms)
         self.counters: collections.Counter[str] = collections.Counter()
         # per (model, outcome): how requests ended here (result, forwarded, deadline_dropped, timeout, overloaded,
         # or the error reported: bad_input, worker_lost, ...) and payload bytes/messages sent per next-stage endpoint;
@@ -120,20 +121,24 @@ class DataPlane:
             for sock, flags in [*self.links.poll_flags(), *self.reply_links.poll_flags()]:
                 poller.register(sock, flags)
             busy = self.replies or self.held or self.retrying
-            events = dict(poller.poll(5 if busy else 100))
+            wait_ms = 5 if busy else 100
+            ack_wait = self.acks.wait_s(time.monotonic())
+            if ack_wait is not None:
+                wait_ms = min(wait_ms, int(ack_wait * 1000 + 0.999))
+            events = dict(poller.poll(wait_ms))
             if w.waker.fileno() in events:
                 w.waker.drain()
             if w.data in events:
                 drain(w.data, self.on_inbound, n_route=1)
             self.links.serve(events, self.on_link_reply)
             self.reply_links.serve(events, lambda ep, frames: None)  # a result socket answers nothing
-            self._drain_outputs()
-            self._flush_acks()
-            while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
-                self.replies.popleft()
             self._drain_events()
             now = time.monotonic()
-            self._retry(now)
+            self._retry(now)  # before new outputs: a replay or a refused send is older, and would starve behind them
+            self._drain_outputs()
+            self._flush_acks(time.monotonic())
+            while self.replies and send(w.data, self.replies[0][1], route=self.replies[0][0]):
+                self.replies.popleft()
             if now >= next_sweep:
                 next_sweep = now + 0.1
                 self._expire(now)
@@ -167,20 +172,16 @@ class DataPlane:
 
     # --- inbound -------------------------------------------------------------------------------
     def ack(self, route: list[bytes], rid: bytes, hop: int, t_recv: float | None = None) -> None:
-        """Take custody of (rid, hop) for its sender; the ACKs of one loop pass leave as one message per sender.
+        """Take custody of (rid, hop) for its sender; owed ACKs leave together, one message per sender (``acks``).
 
         ``t_recv``: when it arrived (wall clock; default now); the ACK carries how long it was
         held since, so the sender's link meter times the transfer, not this stage's compute.
         """
-        self.acks_out.setdefault(tuple(route), []).append((rid, hop, time.time() if t_recv is None else t_recv))
+        self.acks.add(tuple(route), rid, hop, time.time() if t_recv is None else t_recv)
 
-    def _flush_acks(self) -> None:
-        now = time.time()
-        for route, items in self.acks_out.items():
-            pairs = [(rid, hop) for rid, hop, _ in items]
-            for frames in P.encode_acks(pairs, [int((now - t) * 1e6) for _, _, t in items]):
-                self.reply_link(list(route), frames)
-        self.acks_out.clear()
+    def _flush_acks(self, now: float) -> None:
+        for route, frames in self.acks.take(now):
+            self.reply_link(route, frames)
 
     def reply_link(self, route: list[bytes], frames: list[Any]) -> None:
         """A link reply (ACK/ERROR) to a sender; parked if its queue is full, dropped past a bound."""
@@ -425,12 +426,16 @@ class DataPlane:
         self.link_msgs[dest] += 1
 
     def _retry(self, now: float) -> None:
-        """Send again what a next stage refused as OVERLOADED (or a lost worker held), as replicas get room."""
+        """Send again what a next stage refused as OVERLOADED (or a lost worker held), as replicas get room.
+
+        Earliest deadline first: a replay after a loss has waited longest and has least time left.
+        """
         for key in list(self.retrying):
             k = self.kept.get(key)
             if k is None or not k.retry_at:  # acknowledged, failed or expired meanwhile
                 del self.retrying[key]
-                continue
+        for key in sorted(self.retrying, key=lambda key: self.kept[key].deadline):
+            k = self.kept[key]
             dest = self._pick(k.replicas)
             if dest is None:
                 continue
