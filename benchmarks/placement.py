@@ -24,17 +24,21 @@ measured plan gets a latency figure (``--lat-requests`` requests one at a time, 
 and a throughput figure (``--tput-requests`` requests, ``--window`` in flight). The
 planner's two plans are deployed under model names of their own (same blocks) so the
 workers' per-stage statistics are theirs alone; per stage and per hop, the prediction is
-set beside what the workers measured.
+set beside what the workers measured. Each plan is then calibrated: every worker's profile
+is scaled by its stages' measured over predicted compute in that run
+(``runtime.placement.calibration``), the planner plans again, and the calibrated plan is
+deployed under a fourth (fifth) name and measured the same way, its per-stage prediction
+beside a run of its own.
 
 Equal block counts over all three workers are measured in every order. The plan, the
-three best measured plans and the best equal split are then measured again in turns
-(``--confirm`` rounds; medians), so the best of a hundred noisy figures is not taken for
+calibrated plan, the three best measured plans and the best equal split are then measured
+again in turns (``--confirm`` rounds; medians), so the best of a hundred noisy figures is not taken for
 the best plan. Workers run with ``--max-batch 1``, as the plans are for batch 1.
 
 Reported per scenario and objective: the planner's measured figure against the best
 enumerated plan's (>= 0.9 asked) and against equal block counts (>= 1.2 asked) in the
 order the runtime deployed before the planner (worker names sorted) and in the best
-order; predicted against measured per stage. Scenarios differ in bucket rate and
+order; predicted against measured per stage; the same for the calibrated plan. Scenarios differ in bucket rate and
 slowdowns (none was tuned on). Writes ``benchmarks/out/placement.json``.
 """
 from __future__ import annotations
@@ -67,7 +71,7 @@ ONE = ["--max-batch", "1"]  # the plans are for batch 1: a worker batching queue
 
 
 def _store(root: Path) -> int:
-    """Partition the model under three names (same blocks): enumeration, throughput plan, latency plan."""
+    """Partition the model under five names (same blocks): enumeration, the plans, the calibrated plans."""
     import timm
 
     from edgesplit.partitioner import BlockStore, ModelManifest, partition, timm_recipe
@@ -76,7 +80,7 @@ def _store(root: Path) -> int:
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False).eval()
     m = partition(model, "vit", timm_recipe(ARCH), store, profile=False)
-    for name in ("vit_tp", "vit_lat"):
+    for name in ("vit_tp", "vit_lat", "vit_tpc", "vit_latc"):
         store.put_manifest(ModelManifest(**{**m.__dict__, "name": name}))
     return m.n_blocks
 
@@ -147,6 +151,7 @@ def _equal(order: list[str], n: int) -> list[tuple[str, int, int]]:
 
 def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from edgesplit.runtime import Client, ClientConfig, LocalCluster, LocalClusterConfig
+    from edgesplit.runtime.placement import calibration
     from edgesplit.scheduling.placement import PlacementError, evaluate_placement, plan_placement
 
     rate, base, slow = SCENARIOS[name]
@@ -193,51 +198,63 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         print(f"  {i + 1}/{len(configs)} plans measured ({time.perf_counter() - t0:.0f} s)", flush=True)
                 result: dict[str, Any] = {"scenario": name, "rate": rate, "base": base, "slow": slow,
                                           "measurements": m.to_dict(), "measured": rows}
-                for obj, model in (("throughput", "vit_tp"), ("latency", "vit_lat")):
+                for obj, model, model_c in (("throughput", "vit_tp", "vit_tpc"), ("latency", "vit_lat", "vit_latc")):
                     p = plans[obj]
                     stages = [(s.worker, s.start, s.end) for s in p.stages]
                     first = _measure_plan(cl, model, stages, x, args, p, problem.hop_ms)
+                    # calibrated: each worker's profile scaled by what its stages showed in that run, planned again
+                    factors = calibration(first["compare"])
+                    pc = plan_placement(m.scaled(factors).problem(), obj)
+                    stages_c = [(s.worker, s.start, s.end) for s in pc.stages]
+                    first_c = _measure_plan(cl, model_c, stages_c, x, args, pc, problem.hop_ms)
                     key = "throughput" if obj == "throughput" else "latency_ms"
                     sign = 1 if obj == "throughput" else -1  # larger is better
 
-                    # confirm: the plan, the 3 best measured and the best equal split, measured again in turns
+                    # confirm: both plans, the 3 best measured and the best equal split, measured again in turns
                     ranked = sorted(rows, key=lambda r: -sign * r[key])
                     contenders = ranked[:3] + [next(r for r in ranked if r["equal"])]
                     again: dict[int, list[float]] = {id(r): [r[key]] for r in contenders}
-                    mine = [first[key]]
+                    mine, mine_c = [first[key]], [first_c[key]]
                     for _ in range(args.confirm):
                         mine.append(_measure_plan(cl, model, stages, x, args)[key])
+                        mine_c.append(_measure_plan(cl, model_c, stages_c, x, args)[key])
                         for r in contenders:
                             again[id(r)].append(_measure_plan(cl, "vit", r["stages"], x, args)[key])
                     best = max(ranked[:3], key=lambda r: sign * statistics.median(again[id(r)]))
                     eq_best = contenders[-1]
                     eq_names = next(r for r in rows if r["stages"] == equal[tuple(workers)])
+                    best_fig = statistics.median(again[id(best)])
 
                     def ratio(a: float, b: float) -> float:
                         return a / b if obj == "throughput" else b / a  # > 1: the plan is better
 
-                    plan_fig = statistics.median(mine)
+                    def figures(plan: Any, runs: list[float], rows_cmp: list[dict]) -> dict[str, Any]:
+                        fig = statistics.median(runs)
+                        return {"plan": plan.to_dict(), "measured": fig, "measured_runs": runs, "compare": rows_cmp,
+                                "vs_best": ratio(fig, best_fig), "vs_equal_names": ratio(fig, eq_names[key]),
+                                "vs_equal_best_order": ratio(fig, statistics.median(again[id(eq_best)])),
+                                "stage_errors": [r["error"] for r in rows_cmp if r["what"].startswith("stage")
+                                                 and r["error"] is not None],
+                                "predicted": plan.throughput if obj == "throughput" else plan.latency_ms}
+
                     result[obj] = {
-                        "plan": p.to_dict(), "measured": plan_fig, "measured_runs": mine, "compare": first["compare"],
-                        "best_enumerated": {"stages": best["stages"], key: statistics.median(again[id(best)]),
-                                            "runs": again[id(best)]},
-                        "vs_best": ratio(plan_fig, statistics.median(again[id(best)])),
-                        "vs_equal_names": ratio(plan_fig, eq_names[key]),
-                        "vs_equal_best_order": ratio(plan_fig, statistics.median(again[id(eq_best)])),
+                        **figures(p, mine, first["compare"]),
+                        "best_enumerated": {"stages": best["stages"], key: best_fig, "runs": again[id(best)]},
                         "equal_best_order": eq_best["stages"],
-                        "stage_errors": [r["error"] for r in first["compare"] if r["what"].startswith("stage")
-                                         and r["error"] is not None],
-                        "predicted": p.throughput if obj == "throughput" else p.latency_ms}
+                        "calibrated": {**figures(pc, mine_c, first_c["compare"]), "factors": factors}}
                     _print_objective(obj, result[obj], p)
+                    named = ", ".join(f"{w} {f:.2f}" for w, f in sorted(factors.items()))
+                    _print_objective(obj, {**result[obj], **result[obj]["calibrated"]}, pc, f"calibrated ({named})")
                 return result
             finally:
                 cl.close()
 
 
-def _print_objective(obj: str, r: dict[str, Any], p: Any) -> None:
+def _print_objective(obj: str, r: dict[str, Any], p: Any, which: str = "") -> None:
     unit = "/s" if obj == "throughput" else " ms"
     key = "throughput" if obj == "throughput" else "latency_ms"
-    print(f"\n{obj}: plan {[(s.worker, s.start, s.end) for s in p.stages]} predicted {r['predicted']:.2f}{unit}, "
+    print(f"\n{obj}{', ' + which if which else ''}: plan {[(s.worker, s.start, s.end) for s in p.stages]} "
+          f"predicted {r['predicted']:.2f}{unit}, "
           f"measured {r['measured']:.2f}{unit} (runs {', '.join(f'{v:.2f}' for v in r['measured_runs'])})")
     print(f"  best enumerated {r['best_enumerated']['stages']}: {r['best_enumerated'][key]:.2f}{unit}; "
           f"plan vs best {r['vs_best']:.3f} (>= 0.9)")
@@ -272,14 +289,14 @@ def main() -> int:
         print(f"placement benchmark needs the netns + tbf test bed: {e}", file=sys.stderr)
         return 2
     print("\n== summary ==")
-    print(f"{'scenario':<10}{'objective':<12}{'vs best':>9}{'vs equal (names)':>18}{'vs equal (best order)':>23}"
-          f"{'max |stage err|':>17}")
+    print(f"{'scenario':<10}{'objective':<12}{'plan':<12}{'vs best':>9}{'vs equal (names)':>18}"
+          f"{'vs equal (best order)':>23}{'max |stage err|':>17}")
     for r in results:
         for obj in ("throughput", "latency"):
-            o = r[obj]
-            print(f"{r['scenario']:<10}{obj:<12}{o['vs_best']:>9.3f}{o['vs_equal_names']:>18.2f}"
-                  f"{o['vs_equal_best_order']:>23.2f}"
-                  f"{max((abs(e) for e in o['stage_errors']), default=float('nan')):>17.2f}")
+            for which, o in (("profiled", r[obj]), ("calibrated", r[obj]["calibrated"])):
+                print(f"{r['scenario']:<10}{obj:<12}{which:<12}{o['vs_best']:>9.3f}{o['vs_equal_names']:>18.2f}"
+                      f"{o['vs_equal_best_order']:>23.2f}"
+                      f"{max((abs(e) for e in o['stage_errors']), default=float('nan')):>17.2f}")
     OUT.mkdir(exist_ok=True)
     (OUT / "placement.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {OUT / 'placement.json'}")

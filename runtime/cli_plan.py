@@ -5,6 +5,7 @@
     edgesplit plan vit_tiny_patch16_224 --coordinator tcp://10.0.0.1:5555          # throughput plan
     edgesplit plan vit_tiny_patch16_224 --objective latency --workers a,b --json   # for scripts
     edgesplit plan vit_tiny_patch16_224 --deploy --requests 100   # deploy, run 100, measured beside predicted
+    edgesplit plan vit_tiny_patch16_224 --deploy --calibrate      # then plan again with what the run showed
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deploy", action="store_true",
                    help="deploy the plan, run --requests random inputs, print measured times beside the prediction")
     p.add_argument("--requests", type=int, default=50, help="with --deploy: requests to run before comparing")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --deploy: scale each worker's profile by its stages' measured/predicted compute in "
+                        "that run, plan again, deploy the new plan if it differs, run and compare again")
     _add_client(p)
 
 
@@ -63,6 +67,14 @@ def _print_plan(placement: Any, title: str) -> None:
         print(f"  {h.src + ' -> ' + h.dst:<24}{h.codec or 'raw':<14}{h.bytes:>10}{h.transfer_ms:>12.2f}")
     print(f"  latency {placement.latency_ms:.2f} ms, bottleneck {placement.bottleneck_ms:.2f} ms, "
           f"throughput {placement.throughput:.1f}/s, accuracy cost {placement.accuracy_cost:g}")
+
+
+def _print_compare(rows: list[dict[str, Any]]) -> None:
+    print(f"  {'':<48}{'predicted ms':>13}{'measured ms':>13}{'error':>8}")
+    for row in rows:
+        meas = f"{row['measured_ms']:.2f}" if row["measured_ms"] is not None else "-"
+        err = f"{100 * row['error']:+.0f}%" if row["error"] is not None else "-"
+        print(f"  {row['what']:<48}{row['predicted_ms']:>13.2f}{meas:>13}{err:>8}")
 
 
 def _exercise(cl: Any, model: str, batch: int, n: int, objective: str) -> dict[str, float]:
@@ -109,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     workers = [w for w in args.workers.split(",") if w] if args.workers else None
     if args.batch < 1 or args.reps < 1 or args.requests < 1:
         raise ConfigError("--batch, --reps and --requests must be at least 1")
+    if args.calibrate and not args.deploy:
+        raise ConfigError("--calibrate needs --deploy: it plans again from what a deployed run measured")
     with Client(_build(ClientConfig, args, "client")) as cl:
         if not args.json:
             print(f"measuring {args.model} on {', '.join(workers) if workers else 'every live worker'} "
@@ -126,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             out["run"] = _exercise(cl, args.model, args.batch, args.requests, args.objective)
             time.sleep(1.2)  # the next heartbeat carries the stage statistics
             out["compare"] = compare(placement, cl.workers(), args.model, problem.hop_ms)
+            if args.calibrate:
+                out["calibrated"], calibrated = _calibrate(cl, args, workers, m, placement, out["compare"])
     if args.json:
         print(json.dumps(_finite(out), indent=1, default=str, allow_nan=False))
         return 0
@@ -150,9 +166,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ndeployed; {r['requests']} requests in {r['seconds']:.2f} s: {r['throughput']:.1f}/s"
               + (f", latency p50 {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else "")
               + f" (predicted {placement.throughput:.1f}/s, {placement.latency_ms:.2f} ms)")
-        print(f"  {'':<48}{'predicted ms':>13}{'measured ms':>13}{'error':>8}")
-        for row in out["compare"]:
-            meas = f"{row['measured_ms']:.2f}" if row["measured_ms"] is not None else "-"
-            err = f"{100 * row['error']:+.0f}%" if row["error"] is not None else "-"
-            print(f"  {row['what']:<48}{row['predicted_ms']:>13.2f}{meas:>13}{err:>8}")
+        _print_compare(out["compare"])
+    if args.calibrate:
+        c = out["calibrated"]
+        print("\ncalibration (measured / predicted compute per worker): "
+              + (", ".join(f"{w} {f:.2f}" for w, f in sorted(c["factors"].items())) or "nothing measured"))
+        if c["replanned"]:
+            print("the calibrated plan differs; deployed it")
+        _print_plan(calibrated, "calibrated plan")
+        r = c["run"]
+        print(f"\n{r['requests']} requests in {r['seconds']:.2f} s: {r['throughput']:.1f}/s"
+              + (f", latency p50 {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else ""))
+        _print_compare(c["compare"])
     return 0
+
+
+def _calibrate(cl: Any, args: argparse.Namespace, workers: list[str] | None, m: Any, placement: Any,
+               rows: list) -> tuple[dict[str, Any], Any]:
+    """Plan again with each worker's profile scaled by what its stages showed; deploy if it differs; run, compare."""
+    from .placement import calibration, compare, deploy_args
+    from edgesplit.scheduling.placement import plan_placement
+
+    factors = calibration(rows)
+    problem = m.scaled(factors).problem(args.batch, args.max_accuracy_cost, workers)
+    again = plan_placement(problem, args.objective)
+    replanned = deploy_args(again) != deploy_args(placement)
+    if replanned:
+        stages, links = deploy_args(again)
+        cl.deploy(args.model, stages=stages, links=links)
+    run = _exercise(cl, args.model, args.batch, args.requests, args.objective)
+    time.sleep(1.2)  # the next heartbeat carries the stage statistics (a new plan's from its own run only)
+    return {"factors": factors, "replanned": replanned, "plan": again.to_dict(), "run": run,
+            "compare": compare(again, cl.workers(), args.model, problem.hop_ms)}, again

@@ -99,10 +99,33 @@ def test_cli_plan_json_and_deploy_compare(slow_cluster, capsys):
     assert out["equal_split"] is not None
     assert out["plan"]["latency_ms"] <= out["equal_split"]["latency_ms"] + 1e-9  # exact: never worse
     assert cli.main(["plan", "vit6", "--coordinator", slow_cluster.endpoint, "--reps", "5", "--probe-s", "0.2",
-                     "--deploy", "--requests", "20"]) == 0
+                     "--deploy", "--requests", "20", "--calibrate"]) == 0
     text = capsys.readouterr().out
     assert "predicted ms" in text and "measured ms" in text and "stage 0 on" in text
     assert "equal blocks over" in text
+    assert "calibration (measured / predicted compute per worker):" in text and "calibrated plan" in text
+    assert text.count("predicted ms") == 2  # the calibrated plan measured beside its own prediction
+    assert cli.main(["plan", "vit6", "--coordinator", slow_cluster.endpoint, "--calibrate"]) == 2  # usage
+    assert "--calibrate needs --deploy" in capsys.readouterr().err
+
+
+def test_calibration_scales_each_worker_by_its_stages_measured_over_predicted():
+    from edgesplit.runtime.placement import Measurements, WorkerMeasure, calibration
+
+    rows = [{"worker": "a", "predicted_ms": 10.0, "measured_ms": 13.0, "n": 20},
+            {"worker": "a", "predicted_ms": 30.0, "measured_ms": 39.0, "n": 20},  # a: 52 / 40 = 1.3
+            {"worker": "b", "predicted_ms": 10.0, "measured_ms": 8.0, "n": 20},
+            {"worker": "c", "predicted_ms": 10.0, "measured_ms": 50.0, "n": 2},  # too few runs: no factor
+            {"worker": "d", "predicted_ms": 10.0, "measured_ms": 1000.0, "n": 20},  # clamped
+            {"worker": "e", "predicted_ms": 10.0, "measured_ms": None, "n": 0},
+            {"what": "hop a->b", "predicted_ms": 5.0, "measured_ms": 50.0, "n": None}]  # hops are not compute
+    f = calibration(rows)
+    assert f == pytest.approx({"a": 1.3, "b": 0.8, "d": 4.0})
+    w = {n: WorkerMeasure(n, f"tcp://{n}:1", "cpu", 1.0, 1 << 30, {1: [1.0, 2.0]}, {}) for n in "ab"}
+    m = Measurements("m", [1, 1], [4, 4], 4, w)
+    s = m.scaled(f)
+    assert s.workers["a"].profiles[1] == pytest.approx([1.3, 2.6]) and s.workers["b"].profiles[1] == [0.8, 1.6]
+    assert m.workers["a"].profiles[1] == [1.0, 2.0]  # the original is untouched
 
 
 def test_measure_refuses_unknown_workers_and_bad_orders(slow_cluster):

@@ -103,6 +103,11 @@ class StageStats:
             counts[bisect.bisect_left(COMPUTE_BUCKETS_MS, ms)] += 1  # le: a time equal to a bound counts in it
             self._sum_ms[key] += ms
 
+    def forget_recent(self, key: tuple[str, int]) -> None:
+        """Drop a stage's recent times (its median and mean start again); the counts and histograms stay."""
+        with self._lock:
+            self._ms.pop(key, None)
+
     def p50_ms(self, key: tuple[str, int]) -> float:
         """Median recent compute time of a stage (0 when never run)."""
         with self._lock:
