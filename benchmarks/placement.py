@@ -203,7 +203,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     stages = [(s.worker, s.start, s.end) for s in p.stages]
                     first = _measure_plan(cl, model, stages, x, args, p, problem.hop_ms)
                     # calibrated: each worker's profile scaled by what its stages showed in that run, planned again
-                    factors = calibration(first["compare"])
+                    factors = calibration(first["compare"], workers)
                     pc = plan_placement(m.scaled(factors).problem(), obj)
                     stages_c = [(s.worker, s.start, s.end) for s in pc.stages]
                     first_c = _measure_plan(cl, model_c, stages_c, x, args, pc, problem.hop_ms)

@@ -187,7 +187,7 @@ def _calibrate(cl: Any, args: argparse.Namespace, workers: list[str] | None, m: 
     from .placement import calibration, compare, deploy_args
     from edgesplit.scheduling.placement import plan_placement
 
-    factors = calibration(rows)
+    factors = calibration(rows, sorted(m.workers) if workers is None else workers)
     problem = m.scaled(factors).problem(args.batch, args.max_accuracy_cost, workers)
     again = plan_placement(problem, args.objective)
     replanned = deploy_args(again) != deploy_args(placement)

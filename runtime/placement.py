@@ -195,7 +195,7 @@ CALIBRATION_MIN_RUNS = 5  # a stage that ran fewer times than this says nothing 
 CALIBRATION_RANGE = (0.25, 4.0)  # a factor outside this is a fault to look at, not a calibration
 
 
-def calibration(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+def calibration(rows: Sequence[dict[str, Any]], workers: Sequence[str] = ()) -> dict[str, float]:
     """Per worker, its stages' measured compute over predicted (rows of :func:`compare` after a run).
 
     A profile times blocks with nothing else running; a deployed stage shares the board's
@@ -203,8 +203,11 @@ def calibration(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     there. In one run of ``benchmarks/placement.py`` (2-core VM) the plans bound by compute
     ran at a median 0.70-0.79x of their predicted throughput, those bound by the
     rate-limited link at 1.00x. The factor carries what the workers showed under load over
-    to the next plan: ``measurements.scaled(calibration(rows))``. Workers without a
-    measured stage are left out (factor 1).
+    to the next plan: ``measurements.scaled(calibration(rows, workers))``. A worker of
+    ``workers`` without a measured stage gets the median factor of those with one: what
+    slowed them (a shared machine, a warm room) likely slows it too, and left at 1 it would
+    look faster than it is beside them (in one run of the benchmark that drew a latency
+    plan onto the unmeasured worker, which measured 0.88x the best enumerated plan).
     """
     ratios: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -212,4 +215,8 @@ def calibration(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
                 and r["predicted_ms"] > 0 and math.isfinite(r["predicted_ms"]):
             ratios.setdefault(r["worker"], []).append((r["measured_ms"], r["predicted_ms"]))
     lo, hi = CALIBRATION_RANGE
-    return {w: min(hi, max(lo, sum(m for m, _ in v) / sum(p for _, p in v))) for w, v in ratios.items()}
+    factors = {w: min(hi, max(lo, sum(m for m, _ in v) / sum(p for _, p in v))) for w, v in ratios.items()}
+    if factors:
+        typical = statistics.median(factors.values())
+        factors.update({w: typical for w in workers if w not in factors})
+    return factors

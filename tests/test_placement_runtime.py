@@ -121,6 +121,9 @@ def test_calibration_scales_each_worker_by_its_stages_measured_over_predicted():
             {"what": "hop a->b", "predicted_ms": 5.0, "measured_ms": 50.0, "n": None}]  # hops are not compute
     f = calibration(rows)
     assert f == pytest.approx({"a": 1.3, "b": 0.8, "d": 4.0})
+    # a worker that ran nothing is as far off as the median of those that did, not taken at its word
+    assert calibration(rows, ["a", "b", "d", "z"]) == pytest.approx({"a": 1.3, "b": 0.8, "d": 4.0, "z": 1.3})
+    assert calibration([], ["a"]) == {}
     w = {n: WorkerMeasure(n, f"tcp://{n}:1", "cpu", 1.0, 1 << 30, {1: [1.0, 2.0]}, {}) for n in "ab"}
     m = Measurements("m", [1, 1], [4, 4], 4, w)
     s = m.scaled(f)
