@@ -86,8 +86,9 @@ class DataPlane:
         self.replies: collections.deque = collections.deque()  # link replies the ROUTER could not take yet
         self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
         self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
-        # sender route -> pairs to ACK, with each pair's receipt time (wall clock), so the ACK says how long it was held
-        self.acks = AckBatch()  # custody taken, ACKs not yet sent (they leave together, within 1 ms)
+        # custody taken, ACKs not yet sent: per sender, with each pair's receipt time (the ACK says how long it was
+        # held); they leave together, within ACK_DELAY_S
+        self.acks = AckBatch()
         self.counters: collections.Counter[str] = collections.Counter()
         # per (model, outcome): how requests ended here (result, forwarded, deadline_dropped, timeout, overloaded,
         # or the error reported: bad_input, worker_lost, ...) and payload bytes/messages sent per next-stage endpoint;
