@@ -15,12 +15,14 @@ validating ``decode`` to a tensor, custody ACKs batched as a worker batches them
 one ACK message per sender for everything taken on within ``ACK_DELAY_S``), and the sender keeping
 every message (at most 64) until an ACK names it -- and (b) through raw pyzmq PUSH/PULL with
 pyzmq's defaults, one frame per message sent with ``copy=False`` (zero-copy from pyzmq's 64 KiB
-``COPY_THRESHOLD`` on) and received zero-copy (``recv(copy=False)``, the cheapest receive pyzmq has), from the same kind of memory
-(a torch tensor's: numpy would back a large array with huge pages) and with the same high-water marks
+``COPY_THRESHOLD`` on) and received zero-copy (``recv(copy=False)``, the cheapest receive pyzmq
+has), from the same kind of memory (a torch tensor's: numpy would back a large array with huge
+pages) and with the same high-water marks
 (``--hwm``, default ``protocol.DATA_HWM_MSGS``). Both kinds share the two processes and their rounds
 alternate, so each edgesplit round is compared with a raw round next to it in time; the
 ratio is the median over ``--repeats`` such pairs, each round moving about 1 GiB. Each process's
-CPU time (all threads) per message is printed too: on a loaded machine it moves much less than the rates.
+CPU time (all threads) per message is printed too: on a loaded machine it moves much less than
+the rates.
 
 Part 2 (pipeline): a coordinator and 2 worker processes (one torch thread each), a model
 split into 2 stages, ``--requests`` inputs streamed with ``--in-flight`` outstanding.
