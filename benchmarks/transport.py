@@ -19,7 +19,8 @@ pyzmq's defaults, one frame per message sent with ``copy=False`` (zero-copy from
 has), from the same kind of memory (a torch tensor's: numpy would back a large array with huge
 pages) and with the same high-water marks
 (``--hwm``, default ``protocol.DATA_HWM_MSGS``). Both kinds share the two processes and their rounds
-alternate, so each edgesplit round is compared with a raw round next to it in time; the
+alternate, so each edgesplit round is compared with a raw round next to it in time (both
+processes run with a worker's malloc settings, ``allocator.keep_freed_buffers``, so raw gets them too); the
 ratio is the median over ``--repeats`` such pairs, each round moving about 1 GiB. Each process's
 CPU time (all threads) per message is printed too: on a loaded machine it moves much less than
 the rates.
@@ -108,8 +109,10 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
 
     from edgesplit.runtime import protocol as P
     from edgesplit.runtime.acks import AckBatch
+    from edgesplit.runtime.allocator import keep_freed_buffers
     from edgesplit.runtime.transport import SocketOptions, recv, router, send
 
+    keep_freed_buffers()  # as a worker process runs (both kinds of link share this process)
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, hwm)
@@ -158,8 +161,10 @@ def _transfer_sender(hwm: int, endpoints: dict[str, str], ctl: Any, out: Any) ->
     import torch
     import zmq
 
+    from edgesplit.runtime.allocator import keep_freed_buffers
     from edgesplit.runtime.transport import PeerLinks, SocketOptions
 
+    keep_freed_buffers()  # as a worker process runs (both kinds of link share this process)
     # one torch thread, as a worker runs: the tensor made per round (torch.ones) would otherwise leave an
     # OpenMP thread spinning through the round from 1 MiB on, about 95 us of CPU per message on 2 cores
     torch.set_num_threads(1)

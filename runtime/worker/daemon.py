@@ -38,6 +38,7 @@ from edgesplit.partitioner import BlockStore, MissingBlocksError
 
 from .. import dummy
 from .. import protocol as P
+from ..allocator import keep_freed_buffers
 from ..cache import BlockCache
 from ..config import opt
 from ..errors import ConfigError
@@ -282,6 +283,7 @@ def check_device(text: str) -> torch.device:
 
 def run_worker(cfg: WorkerConfig) -> int:
     """Run a worker in this process until SIGINT/SIGTERM; returns the exit code."""
+    keep_freed_buffers()  # received activations reuse freed heap instead of faulting in fresh pages each
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     worker = Worker(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):
