@@ -5,10 +5,10 @@ when the tensor over it is dropped. glibc's defaults serve such sizes badly at a
 the first ones are ``mmap``-ed, then the dynamic threshold moves them to the heap, but the
 heap is trimmed back to the kernel whenever more than twice that size lies free at its top
 -- which, with a handful of activations in flight, is most of the time. Each message then
-pays fresh page faults for every page it fills (about 40 % of a 1 MiB receive on the
-development machine). Fixed thresholds end that: buffers up to ``MMAP_THRESHOLD`` come from
-the heap and up to ``TRIM_THRESHOLD`` of freed memory stays mapped for reuse, the price being
-that much more resident memory at most.
+pays fresh page faults for every page it fills. Fixed thresholds end that: buffers up to
+``MMAP_THRESHOLD`` come from the heap and up to ``TRIM_THRESHOLD`` of freed memory stays
+mapped for reuse, the price being that much more resident memory at most (per arena). In
+the transfer benchmark the receiver's CPU per 1 MiB message fell by 35-40 %.
 """
 from __future__ import annotations
 
