@@ -35,8 +35,9 @@ class WorkerMeasure:
     device: str
     slowdown: float
     memory_budget_bytes: int
-    profiles: dict[int, list[float]]
+    profiles: dict[int, list[float]]  # ms per block right after the block before it
     links: dict[str, tuple[float, float]]  # bytes/s (<= 0: probe failed), round trip ms
+    first: dict[int, list[float]] = field(default_factory=dict)  # ms per block as a stage's first (after idle)
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,13 @@ class Measurements:
         for name, r in replies.items():
             try:
                 profiles = {int(b): [float(v) for v in ms] for b, ms in r["profiles"]}
+                first = {int(b): [float(v) for v in ms] for b, ms in r.get("first") or ()}  # older workers: none
                 if any(len(ms) != len(blocks) or not all(math.isfinite(v) and v >= 0 for v in ms)
-                       for ms in profiles.values()):
+                       for ms in [*profiles.values(), *first.values()]):
                     raise ValueError(f"a profile is not {len(blocks)} finite times >= 0")
                 links = {names[ep]: (float(rate), float(rtt)) for ep, rate, rtt in r["links"] if ep in names}
                 workers[name] = WorkerMeasure(name, endpoints.get(name, ""), str(r["device"]), float(r["slowdown"]),
-                                              int(r["memory_budget_bytes"]), profiles, links)
+                                              int(r["memory_budget_bytes"]), profiles, links, first)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 errors[str(name)] = f"its measurements are malformed ({type(e).__name__}: {e}); not planned with"
         return cls(model, [b[0] for b in blocks], [b[1] for b in blocks], input_bytes, workers, {}, codecs, errors)
@@ -105,8 +107,8 @@ class Measurements:
                 rates[(CLIENT, b)] = rate if rate > 0 else UNUSABLE_RATE
         return PlacementProblem(
             block_bytes=tuple(self.block_bytes), act_bytes=tuple(self.act_bytes), input_bytes=self.input_bytes,
-            workers=tuple(WorkerProfile(w, tuple(self.workers[w].profiles[batch]), self.workers[w].memory_budget_bytes)
-                          for w in names),
+            workers=tuple(WorkerProfile(w, tuple(self.workers[w].profiles[batch]), self.workers[w].memory_budget_bytes,
+                                        tuple(self.workers[w].first.get(batch, ()))) for w in names),
             link_rate=rates, hop_ms=self.hop_ms(), codecs=tuple(self._codecs()),
             max_accuracy_cost=max_accuracy_cost, batch=batch, max_stages=max_stages)
 
@@ -135,7 +137,10 @@ class Measurements:
 
     def scaled(self, factors: dict[str, float]) -> "Measurements":
         """These measurements with each named worker's block times times its factor (see :func:`calibration`)."""
-        workers = {n: replace(w, profiles={b: [v * factors.get(n, 1.0) for v in ms] for b, ms in w.profiles.items()})
+        def times(n: str, per_batch: dict[int, list[float]]) -> dict[int, list[float]]:
+            return {b: [v * factors.get(n, 1.0) for v in ms] for b, ms in per_batch.items()}
+
+        workers = {n: replace(w, profiles=times(n, w.profiles), first=times(n, w.first))
                    for n, w in self.workers.items()}
         return replace(self, workers=workers, client_links=dict(self.client_links), errors=dict(self.errors))
 
@@ -146,6 +151,7 @@ class Measurements:
                 "workers": {n: {"device": w.device, "slowdown": w.slowdown,
                                 "memory_budget_bytes": w.memory_budget_bytes,
                                 "profiles": {str(b): ms for b, ms in w.profiles.items()},
+                                "first": {str(b): ms for b, ms in w.first.items()},
                                 "links": {p: {"rate_bps": r, "rtt_ms": t} for p, (r, t) in w.links.items()}}
                             for n, w in self.workers.items()}}
 

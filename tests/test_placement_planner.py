@@ -41,7 +41,8 @@ def _random_problem(seed: int) -> PlacementProblem:
         speed = rng.choice([1.0, 1.0, 2.0, 0.5, rng.uniform(0.3, 3.0)])
         ms = [b * speed if rng.random() < 0.8 else rng.uniform(0.0, 4.0) for b in base]
         mem = rng.choice([0, 0, -1, total // 2, total // 3, rng.randint(1, max(1, total)), total, total])
-        workers.append(WorkerProfile(f"w{i}", tuple(ms), mem))
+        first = tuple(m * rng.uniform(1.0, 1.6) for m in ms) if rng.random() < 0.5 else ()  # cold first blocks
+        workers.append(WorkerProfile(f"w{i}", tuple(ms), mem, first))
     names = [CLIENT] + [w.name for w in workers]
     rates = {}
     for a in names:
@@ -334,3 +335,18 @@ def test_placement_module_is_pure():
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "numpy" in names  # the walk reached the submodules
     assert not {m for m in names if m.split(".")[0] in ("socket", "torch", "zmq") or "runtime" in m}, names
+
+
+def test_a_stage_pays_its_first_block_cold():
+    """A stage [a, b) costs first_ms[a] plus block_ms of the rest: a plan with more stages pays more cold starts."""
+    w = WorkerProfile("a", (1.0, 2.0, 3.0), first_ms=(1.5, 2.5, 4.0))
+    p = _problem([w, WorkerProfile("b", (1.0, 2.0, 3.0))], n=3)
+    one = evaluate_placement(p, [("a", 0, 3)])
+    assert one.stages[0].compute_ms == pytest.approx(1.5 + 2.0 + 3.0)
+    two = evaluate_placement(p, [("b", 0, 1), ("a", 1, 3)])
+    assert [s.compute_ms for s in two.stages] == pytest.approx([1.0, 2.5 + 3.0])
+    assert WorkerProfile("c", (1.0, 2.0)).first_ms == (1.0, 2.0)  # not measured: the same as block_ms
+    with pytest.raises(PlacementError, match="first_ms for 1 blocks"):
+        WorkerProfile("d", (1.0, 2.0), first_ms=(1.0,))
+    with pytest.raises(PlacementError, match="first_ms"):
+        WorkerProfile("e", (1.0, 2.0), first_ms=(1.0, -2.0))

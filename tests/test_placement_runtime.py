@@ -57,6 +57,7 @@ def test_workers_profile_their_own_device_and_probe_links(slow_cluster, measured
     totals = {name: sum(w.profiles[1]) for name, w in m.workers.items()}
     for name, w in m.workers.items():
         assert len(w.profiles[1]) == n and all(ms > 0 for ms in w.profiles[1])
+        assert len(w.first[1]) == n and all(ms > 0 for ms in w.first[1])  # each block also as a stage's first
         assert sorted(w.links) == sorted(set(m.workers) - {name})  # every other worker, measured to receipt
         assert all(rate > 1e6 and rtt > 0 for rate, rtt in w.links.values())  # loopback: well above 1 MB/s
     assert m.workers["w2"].slowdown == SLOW
@@ -124,10 +125,12 @@ def test_calibration_scales_each_worker_by_its_stages_measured_over_predicted():
     # a worker that ran nothing is as far off as the median of those that did, not taken at its word
     assert calibration(rows, ["a", "b", "d", "z"]) == pytest.approx({"a": 1.3, "b": 0.8, "d": 4.0, "z": 1.3})
     assert calibration([], ["a"]) == {}
-    w = {n: WorkerMeasure(n, f"tcp://{n}:1", "cpu", 1.0, 1 << 30, {1: [1.0, 2.0]}, {}) for n in "ab"}
+    w = {n: WorkerMeasure(n, f"tcp://{n}:1", "cpu", 1.0, 1 << 30, {1: [1.0, 2.0]}, {}, {1: [2.0, 3.0]}) for n in "ab"}
     m = Measurements("m", [1, 1], [4, 4], 4, w)
     s = m.scaled(f)
     assert s.workers["a"].profiles[1] == pytest.approx([1.3, 2.6]) and s.workers["b"].profiles[1] == [0.8, 1.6]
+    assert s.workers["a"].first[1] == pytest.approx([2.6, 3.9])  # first-block times scale alike
+    assert s.problem().workers[0].first_ms == pytest.approx((2.6, 3.9))
     assert m.workers["a"].profiles[1] == [1.0, 2.0]  # the original is untouched
 
 
@@ -165,3 +168,23 @@ def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
     to_compute = act_bytes / (stage_ms / 1000)  # what timing to the ACK (after w2's compute) would report
     print(f"\nw0 -> w2 measured {rate / 1e6:.1f} MB/s; bytes / w2's stage time {to_compute / 1e6:.2f} MB/s")
     assert rate > 3 * to_compute  # timed to the ACK it could not exceed 1x: the ACK follows w2's compute
+
+
+def test_profile_times_each_block_after_its_predecessor_and_as_a_first_block(vit_store, tmp_path):
+    from edgesplit.partitioner import BlockStore
+    from edgesplit.runtime.worker.profile import profile, profile_key
+
+    manifest = BlockStore(vit_store[0]).manifest("vit6")
+    cpu = torch.device("cpu")
+    got = profile(manifest, cpu, tmp_path, [1], reps=3)[1]
+    assert len(got.block_ms) == len(got.first_ms) == manifest.n_blocks
+    assert all(ms > 0 for ms in [*got.block_ms, *got.first_ms])
+    path = tmp_path / "profiles" / f"{profile_key(manifest, cpu, 1, 1.0)}.json"
+    cached = json.loads(path.read_text())
+    assert cached == {"block_ms": got.block_ms, "first_ms": got.first_ms}
+    path.write_text(json.dumps({"block_ms": [7.0] * manifest.n_blocks, "first_ms": [9.0] * manifest.n_blocks}))
+    again = profile(manifest, cpu, tmp_path, [1], reps=3)[1]
+    assert again.block_ms == [7.0] * manifest.n_blocks and again.first_ms == [9.0] * manifest.n_blocks  # the cache
+    path.write_text(json.dumps([7.0] * manifest.n_blocks))  # an older format, or garbage: timed again
+    fresh = profile(manifest, cpu, tmp_path, [1], reps=3)[1]
+    assert fresh.block_ms != [7.0] * manifest.n_blocks and len(fresh.first_ms) == manifest.n_blocks

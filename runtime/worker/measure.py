@@ -96,7 +96,8 @@ class Measurer:
                 links.append([endpoint, -1.0, -1.0])
         return {"model": manifest.name, "name": w.name, "device": str(w.device), "slowdown": w.cfg.slowdown,
                 "memory_budget_bytes": w.cfg.memory_budget_bytes,
-                "profiles": [[b, [round(ms, 4) for ms in profiles[b]]] for b in batches], "links": links}
+                "profiles": [[b, [round(ms, 4) for ms in profiles[b].block_ms]] for b in batches],
+                "first": [[b, [round(ms, 4) for ms in profiles[b].first_ms]] for b in batches], "links": links}
 
     def advance(self, sock: zmq.Socket) -> None:
         """Answer the orders whose measuring finished."""

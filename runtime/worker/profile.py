@@ -2,7 +2,12 @@
 
 Times come from this board, not from the machine that partitioned the model, and are
 taken the way compute runs: warm, repeated, block after block, the median kept, scaled by
-the worker's slowdown setting. Weights are random (timing does not depend on their
+the worker's slowdown setting. Each block is timed twice: right after the block before it
+(``block_ms``), and after the worker sat idle (``first_ms``), as a stage's first block runs
+once its input arrives. Idle caches go cold: on a 2-core VM a vit_tiny block took 20-45 %
+more CPU after an idle gap of 1-30 ms than right after its predecessor (and a slowed worker
+sleeps after every pass, so its stages always start cold); the planner charges a stage its
+first block's ``first_ms``. Weights are random (timing does not depend on their
 values), so a board profiles a model before holding any of its blocks.
 Profiles are cached in the worker's store per model structure, device, threads, slowdown,
 batch and torch version: asking again is free.
@@ -15,7 +20,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +30,16 @@ from edgesplit.partitioner import ModelManifest
 from .stage import stage_skeleton
 
 log = logging.getLogger("edgesplit.worker.profile")
+
+IDLE_S = 0.010  # how long the worker sits idle before timing a block as a stage's first
+PROFILE_FORMAT = 2  # in the cache key: profiles of an older format are taken again
+
+
+class BlockTimes(NamedTuple):
+    """Median ms per block: right after the block before it, and as a stage's first (after an idle wait)."""
+
+    block_ms: list[float]
+    first_ms: list[float]
 
 
 def slowed(forward: Callable[[], torch.Tensor], slowdown: float, device: torch.device) -> torch.Tensor:
@@ -60,7 +75,7 @@ def profile_key(manifest: ModelManifest, device: torch.device, batch: int, slowd
     """The cache key: everything a block's time depends on (structure, not weights)."""
     parts = {"recipe": manifest.recipe, "blocks": [[b.name, b.n_params, b.out_shape] for b in manifest.blocks],
              "input": list(manifest.input_shape), "device": _device_name(device), "threads": torch.get_num_threads(),
-             "slowdown": slowdown, "batch": batch, "torch": torch.__version__}
+             "slowdown": slowdown, "batch": batch, "torch": torch.__version__, "format": PROFILE_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -92,42 +107,62 @@ def _chunks(manifest: ModelManifest, budget_bytes: int) -> list[range]:
 
 @torch.inference_mode()
 def time_blocks(manifest: ModelManifest, device: torch.device, batch: int = 1, reps: int = 10,
-                slowdown: float = 1.0, warmup: int = 2, budget_bytes: int = 0) -> list[float]:
+                slowdown: float = 1.0, warmup: int = 2, budget_bytes: int = 0) -> BlockTimes:
     """Median forward ms of every block of ``manifest`` for one batch of ``batch`` on ``device``.
 
     Each run passes the input through the blocks in order, as a pipeline stage does, and
     times each block within the pass: a block timed over and over on its own finds its
     weights in the CPU's caches, which a stage running block after block does not (on a
     2-core x86, a 14-block ViT's isolated block times summed to 15 % under its full pass).
-    Blocks are held a run at a time, as many as ``budget_bytes`` of weights allow (the
-    worker's memory budget; 0 = the whole model), with random weights, freed after.
+    Then each block runs ``reps`` times more on the same input, each after ``IDLE_S`` idle:
+    its time as a stage's first. Blocks are held a run at a time, as many as ``budget_bytes`` of weights
+    allow (the worker's memory budget; 0 = the whole model), with random weights, freed after.
     """
     x_in = torch.randn(batch, *manifest.input_shape, device=device)
     extra = max(0.0, slowdown - 1.0)
-    out: list[float] = []
+
+    def timed(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        y = block(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        busy = wall if device.type == "cuda" else time.thread_time() - c0
+        return y, 1000 * (wall + extra * busy)  # what :func:`slowed` makes of it, without its sleep (a wake-up
+        # per block would make every block a first block)
+
+    after: list[float] = []
+    first: list[float] = []
     for span in _chunks(manifest, budget_bytes):
         blocks = [_randomise(stage_skeleton(manifest, i, i + 1, device), device) for i in span]
         times: list[list[float]] = [[] for _ in blocks]
+        cold: list[list[float]] = [[] for _ in blocks]
         for run in range(warmup + max(1, reps)):
-            x = x_in
+            xs = [x_in]
             for i, block in enumerate(blocks):
-                t0, c0 = time.perf_counter(), time.thread_time()
-                x = block(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                wall = time.perf_counter() - t0
-                busy = wall if device.type == "cuda" else time.thread_time() - c0
-                if run >= warmup:  # what :func:`slowed` makes of it, without sleeping after every block (a
-                    times[i].append(1000 * (wall + extra * busy))  # wake-up per block made a profile a third slow)
-        out += [sorted(t)[len(t) // 2] for t in times]
-        x_in = x  # the next run of blocks starts from this one's output
-        del blocks
-    return out
+                x, ms = timed(block, xs[-1])
+                xs.append(x)
+                if run >= warmup:
+                    times[i].append(ms)
+        for run in range(max(1, reps)):  # after the passes, so that no pass starts from an idle wait
+            for i, block in enumerate(blocks):
+                time.sleep(IDLE_S)
+                x = xs[i].clone()  # its input just written, as one just received is; its weights idle
+                cold[i].append(timed(block, x)[1])
+        after += [_median(t) for t in times]
+        first += [_median(t) for t in cold]
+        x_in = xs[-1]  # the next run of blocks starts from this one's output
+        del blocks, xs
+    return BlockTimes(after, first)
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def profile(manifest: ModelManifest, device: torch.device, store_root: str | Path, batches: list[int],
             reps: int = 10, slowdown: float = 1.0, refresh: bool = False,
-            budget_bytes: int = 0) -> dict[int, list[float]]:
+            budget_bytes: int = 0) -> dict[int, BlockTimes]:
     """Per batch size, the block times of ``manifest`` here (read from the cache unless ``refresh``)."""
     folder = Path(store_root) / "profiles"
     out = {}
@@ -136,20 +171,21 @@ def profile(manifest: ModelManifest, device: torch.device, store_root: str | Pat
         if not refresh:
             try:
                 cached = json.loads(path.read_text())
-                if (isinstance(cached, list) and len(cached) == manifest.n_blocks
-                        and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in cached)):
-                    out[batch] = [float(v) for v in cached]
+                times = BlockTimes([float(v) for v in cached["block_ms"]], [float(v) for v in cached["first_ms"]])
+                if all(len(t) == manifest.n_blocks and all(math.isfinite(v) and v >= 0 for v in t) for t in times):
+                    out[batch] = times
                     continue
-            except (OSError, ValueError):
+            except (OSError, ValueError, TypeError, KeyError):
                 pass
         t0 = time.monotonic()
         out[batch] = time_blocks(manifest, device, batch, reps, slowdown, budget_bytes=budget_bytes)
-        log.info("profiled %s at batch %d on %s: %.1f ms over %d blocks (took %.1f s)", manifest.name, batch,
-                 device, sum(out[batch]), manifest.n_blocks, time.monotonic() - t0)
+        log.info("profiled %s at batch %d on %s: %.1f ms over %d blocks, %.1f ms as first blocks (took %.1f s)",
+                 manifest.name, batch, device, sum(out[batch].block_ms), manifest.n_blocks,
+                 sum(out[batch].first_ms), time.monotonic() - t0)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out[batch]))
+            tmp.write_text(json.dumps(out[batch]._asdict()))
             tmp.replace(path)
         except OSError as e:
             log.warning("could not cache the profile in %s: %s", folder, e)

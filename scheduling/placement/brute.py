@@ -27,7 +27,7 @@ def brute_force_placement(problem: PlacementProblem, objective: str = "throughpu
     def stage_ms(v: int, a: int, b: int) -> float:
         key = (v, a, b)
         if key not in stage_cache:
-            stage_cache[key] = _seq_sum(ws[v].block_ms[a:b])
+            stage_cache[key] = _seq_sum(ws[v].stage_blocks(a, b))
         return stage_cache[key]
 
     def hop(src: int, dst: int, cut: int, codec: CutCodec | None) -> float:

@@ -136,8 +136,11 @@ class _Chain:
         ws = [p.workers[i] for i in self.widx]
         base = np.full((n + 1, n + 1, W), inf)
         bm = np.array([w.block_ms for w in ws], dtype=float).T  # (n, W)
+        fm = np.array([w.first_ms for w in ws], dtype=float).T  # (n, W): a block as a stage's first
         for c in range(n):  # accumulate adds in order, as _seq_sum does
-            base[c, c + 1:] = np.add.accumulate(bm[c:], axis=0)
+            run = bm[c:].copy()
+            run[0] = fm[c]
+            base[c, c + 1:] = np.add.accumulate(run, axis=0)
         pre = np.concatenate([[0], np.cumsum(np.array(p.block_bytes, dtype=np.int64))])
         need = pre[None, :] - pre[:, None]  # (n+1, n+1): weight bytes of [c, e)
         mem = np.array([w.memory_bytes for w in ws], dtype=np.int64)

@@ -117,7 +117,7 @@ def _price(p: PlacementProblem, objective: str, plan: Sequence[tuple[WorkerProfi
         nbytes = p.input_bytes * p.batch if k == 0 else _cut_bytes(p, a, cin)
         hops.append(HopPlan(prev, w.name, a if k else None, cin.name if cin else None, nbytes,
                             p.transfer_ms(prev, w.name, nbytes)))
-        ms = _seq_sum(w.block_ms[a:b]) + (cin.decode_ms if cin else 0.0) + (cout.encode_ms if cout else 0.0)
+        ms = _seq_sum(w.stage_blocks(a, b)) + (cin.decode_ms if cin else 0.0) + (cout.encode_ms if cout else 0.0)
         stages.append(StagePlan(w.name, a, b, ms, sum(p.block_bytes[a:b])))
         prev = w.name
     nbytes = p.act_bytes[-1] * p.batch
