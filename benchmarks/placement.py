@@ -29,7 +29,7 @@ deployments, as for its figure). Each plan is then calibrated: every worker's pr
 scaled by its stages' measured over predicted compute in its first deployment
 (``runtime.placement.calibration``), the planner plans again, and the calibrated plan is
 deployed under a fourth (fifth) name and measured the same way, its per-stage prediction
-beside deployments of its own.
+beside deployments of its own: what ``edgesplit deploy`` deploys (``runtime/calibrate.py``).
 
 Equal block counts over all three workers are measured in every order. The plan, the
 calibrated plan, the three best measured plans and the best equal split are then measured

@@ -2,7 +2,7 @@
 
 ::
 
-    edgesplit deploy vit_tiny_patch16_224 --coordinator tcp://10.0.0.1:5555   # measured plan (the planner's)
+    edgesplit deploy vit_tiny_patch16_224 --coordinator tcp://10.0.0.1:5555   # the planner's plan, calibrated
     edgesplit deploy vit_tiny_patch16_224 --stages 3                          # stored splits, nothing measured
     edgesplit deploy vit_tiny_patch16_224 --stages 2 --replicas 2 --workers a,b,c,d
     edgesplit plan vit_tiny_patch16_224 --json > plan.json && edgesplit deploy vit_tiny_patch16_224 --plan plan.json
@@ -32,6 +32,7 @@ from edgesplit.partitioner.errors import UsageError
 
 from .config import human_size
 
+CALIBRATE_REQUESTS = 40  # requests a planned deploy runs to calibrate the plan (a few seconds on a slow cluster)
 LINK_KEYS = {"codec", "budget", "wire_dtype", "rate", "share"}  # what a plan file's link spec may say
 PROGRESS_POLL_S = 1.0  # how often a deploy asks the registry for the workers' fetch progress (heartbeats: 1 s)
 MAX_PLAN_FILE_BYTES = 1024**2  # a plan is a few kB even for hundreds of stages; a larger file is the wrong one
@@ -61,6 +62,11 @@ def add_deploy_arguments(p: argparse.ArgumentParser) -> None:
                    help="workers per stage: a request whose worker is lost is replayed on a replica (no measuring)")
     p.add_argument("--workers", default=None, metavar="A,B,...",
                    help="workers to use, in stage order (default: every live worker, by name; no measuring)")
+    p.add_argument("--calibrate", type=int, default=CALIBRATE_REQUESTS, metavar="N",
+                   help="after a planned deploy (--plan auto), run N random requests, scale each worker's profile "
+                        "by its stages' measured/predicted compute, plan again, deploy that if it differs, and "
+                        "print the measured times beside the prediction; 0: skip "
+                        f"(default {CALIBRATE_REQUESTS})")
     _add_client(p)
 
 
@@ -277,13 +283,17 @@ def check_plain(model: str, n_blocks: int, live: list[str], workers: list[str] |
 
 
 def run_deploy(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate, run_and_compare
     from .cli import _build
+    from .cli_plan import print_calibrated
     from .client import Client, ClientConfig
 
     if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
     if args.replicas is not None and args.replicas < 1:
         raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.calibrate < 0:
+        raise UsageError(f"--calibrate takes a number of requests (0: skip), got {args.calibrate}")
     workers = [w for w in args.workers.split(",") if w] if args.workers is not None else None
     if workers is not None and not workers:
         raise UsageError("--workers needs worker names, e.g. --workers w0,w1")
@@ -316,12 +326,21 @@ def run_deploy(args: argparse.Namespace) -> int:
             else:
                 route = cl.deploy(args.model)
         placement = cl.placements.get(args.model)
+        calibrated = None
+        if placement is not None and args.calibrate:
+            print(f"calibrating: {args.calibrate} requests through the plan, then planning again with what "
+                  "each worker showed ...", file=sys.stderr, flush=True)
+            _, rows = run_and_compare(cl, args.model, placement, cl.measurements[args.model].hop_ms(),
+                                      args.calibrate)
+            calibrated = calibrate(cl, args.model, cl.measurements[args.model], placement, rows, args.calibrate)
     print(f"deployed {args.model} plan {route.plan}: "
           + " -> ".join("+".join(h.worker for h in reps) + f" [{reps[0].start}:{reps[0].end})"
                         for reps in route.replicas))
     if placement is not None:
         print(f"  planned ({placement.objective}): latency {placement.latency_ms:.2f} ms, bottleneck "
               f"{placement.bottleneck_ms:.2f} ms ({placement.bottleneck}), throughput {placement.throughput:.1f}/s")
+    if calibrated is not None:
+        print_calibrated(calibrated)
     print(f"  {'worker':<14}{'fetched':>11}{'loaded':>11}{'freed':>11}{'resident':>11}{'ms':>9}")
     for name in sorted(route.loaded):
         r = route.loaded[name]

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from typing import Any
 
 from .config import human_size
@@ -77,29 +75,6 @@ def _print_compare(rows: list[dict[str, Any]]) -> None:
         print(f"  {row['what']:<48}{row['predicted_ms']:>13.2f}{meas:>13}{err:>8}")
 
 
-def _exercise(cl: Any, model: str, batch: int, n: int, objective: str) -> dict[str, float]:
-    """Run ``n`` random requests (one at a time for latency, a window of 8 for throughput); measured figures."""
-    import torch
-
-    shape = cl.route(model, refresh=True).input_shape
-    x = torch.randn(batch, *shape)
-    cl.infer(model, x)  # warm: loads, connections
-    lat = []
-    t0 = time.perf_counter()
-    if objective == "latency":
-        for _ in range(n):
-            t = time.perf_counter()
-            cl.infer(model, x)
-            lat.append(1000 * (time.perf_counter() - t))
-    else:
-        futs = [cl.submit(model, x) for _ in range(n)]
-        for f in futs:
-            f.result()
-    wall = time.perf_counter() - t0
-    return {"requests": n, "seconds": wall, "throughput": n * batch / wall,
-            **({"latency_ms_p50": statistics.median(lat)} if lat else {})}
-
-
 def _finite(v: Any) -> Any:
     """JSON has no infinity: a rate too fast to time (or a bottleneck of nothing) becomes null."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -115,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from .cli import _build
     from .client import Client, ClientConfig
     from .errors import ConfigError
-    from .placement import compare, deploy_args
+    from .calibrate import calibrate, run_and_compare
+    from .placement import deploy_args
     from edgesplit.scheduling.placement import plan_placement
 
     workers = [w for w in args.workers.split(",") if w] if args.workers else None
@@ -137,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
         if args.deploy:
             stages, links = deploy_args(placement)
             cl.deploy(args.model, stages=stages, links=links)
-            out["run"] = _exercise(cl, args.model, args.batch, args.requests, args.objective)
-            time.sleep(1.2)  # the next heartbeat carries the stage statistics
-            out["compare"] = compare(placement, cl.workers(), args.model, problem.hop_ms)
+            out["run"], out["compare"] = run_and_compare(cl, args.model, placement, problem.hop_ms, args.requests,
+                                                         args.batch)
             if args.calibrate:
-                out["calibrated"], calibrated = _calibrate(cl, args, workers, m, placement, out["compare"])
+                c = calibrate(cl, args.model, m, placement, out["compare"], args.requests, args.batch,
+                              args.max_accuracy_cost, workers)
+                out["calibrated"] = c.to_dict()
     if args.json:
         print(json.dumps(_finite(out), indent=1, default=str, allow_nan=False))
         return 0
@@ -168,33 +145,17 @@ def run(args: argparse.Namespace) -> int:
               + f" (predicted {placement.throughput:.1f}/s, {placement.latency_ms:.2f} ms)")
         _print_compare(out["compare"])
     if args.calibrate:
-        c = out["calibrated"]
-        print("\ncalibration (measured / predicted compute per worker): "
-              + (", ".join(f"{w} {f:.2f}" for w, f in sorted(c["factors"].items())) or "nothing measured"))
-        if c["replanned"]:
-            print("the calibrated plan differs; deployed it")
-        _print_plan(calibrated, "calibrated plan")
-        r = c["run"]
-        print(f"\n{r['requests']} requests in {r['seconds']:.2f} s: {r['throughput']:.1f}/s"
-              + (f", latency p50 {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else ""))
-        _print_compare(c["compare"])
+        print_calibrated(c)
     return 0
 
 
-def _calibrate(cl: Any, args: argparse.Namespace, workers: list[str] | None, m: Any, placement: Any,
-               rows: list) -> tuple[dict[str, Any], Any]:
-    """Plan again with each worker's profile scaled by what its stages showed; deploy if it differs; run, compare."""
-    from .placement import calibration, compare, deploy_args
-    from edgesplit.scheduling.placement import plan_placement
-
-    factors = calibration(rows, sorted(m.workers) if workers is None else workers)
-    problem = m.scaled(factors).problem(args.batch, args.max_accuracy_cost, workers)
-    again = plan_placement(problem, args.objective)
-    replanned = deploy_args(again) != deploy_args(placement)
-    if replanned:
-        stages, links = deploy_args(again)
-        cl.deploy(args.model, stages=stages, links=links)
-    run = _exercise(cl, args.model, args.batch, args.requests, args.objective)
-    time.sleep(1.2)  # the next heartbeat carries the stage statistics (a new plan's from its own run only)
-    return {"factors": factors, "replanned": replanned, "plan": again.to_dict(), "run": run,
-            "compare": compare(again, cl.workers(), args.model, problem.hop_ms)}, again
+def print_calibrated(c: Any) -> None:
+    """What ``runtime.calibrate.calibrate`` found: factors, the plan, its run and measured beside predicted."""
+    print("\ncalibration (measured / predicted compute per worker): "
+          + (", ".join(f"{w} {f:.2f}" for w, f in sorted(c.factors.items())) or "nothing measured"))
+    print("the calibrated plan differs; deployed it" if c.replanned else "the calibrated plan is the same")
+    _print_plan(c.placement, "calibrated plan")
+    r = c.run
+    print(f"\n{r['requests']} requests in {r['seconds']:.2f} s: {r['throughput']:.1f}/s"
+          + (f", latency p50 {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else ""))
+    _print_compare(c.compare)

@@ -183,6 +183,7 @@ class Client:
         self._closed = threading.Event()
         self.routes: dict[str, Route] = {}
         self.placements: dict[str, Placement] = {}  # planned deploys: the placement with its predictions
+        self.measurements: dict[str, Measurements] = {}  # planned deploys: what the plan was made from
         self.forged = 0  # results and errors refused: not from a worker of the request's route (keyed)
         self._thread = threading.Thread(target=self._io_loop, name="client-io", daemon=True)
         self._thread.start()
@@ -268,7 +269,8 @@ class Client:
 
         With none of ``workers``, ``n_stages``, ``splits``, ``stages`` (and one replica), the plan
         is the planner's (:meth:`plan`: measured on the workers, for throughput); the placement
-        is kept in ``placements[model]``.
+        is kept in ``placements[model]``, the measurements in ``measurements[model]``
+        (``runtime.calibrate`` plans again from them with what the deployed plan showed).
 
         Args:
             model: model name in the coordinator's store.
@@ -292,12 +294,14 @@ class Client:
                 anything is fetched; the message gives the bytes needed and the budget).
         """
         if stages is None and workers is None and n_stages is None and splits is None and replicas == 1:
-            placement = self.plan(model)  # measured: the planner picks stages, workers, order and codecs
+            m = self.measure(model)
+            placement = self.plan(model, measurements=m)  # the planner picks stages, workers, order and codecs
             stages, planned_links = deploy_args(placement)
             links = planned_links if links is None else links
-            self.placements[model] = placement
+            self.placements[model], self.measurements[model] = placement, m
         else:
             self.placements.pop(model, None)
+            self.measurements.pop(model, None)
         body: dict[str, Any] = {"model": model}
         if replicas != 1:
             body["replicas"] = int(replicas)

@@ -110,6 +110,27 @@ def test_cli_plan_json_and_deploy_compare(slow_cluster, capsys):
     assert "--calibrate needs --deploy" in capsys.readouterr().err
 
 
+def test_cli_deploy_calibrates_the_planned_deploy_by_default(slow_cluster, vit_store, capsys):
+    from edgesplit.runtime import cli
+
+    ep = slow_cluster.endpoint
+    assert cli.main(["deploy", "vit6", "--coordinator", ep, "--calibrate", "-1"]) == 2
+    assert "--calibrate takes a number of requests" in capsys.readouterr().err
+    assert cli.main(["deploy", "vit6", "--coordinator", ep, "--calibrate", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "calibration (measured / predicted compute per worker):" in text and "calibrated plan" in text
+    assert text.count("measured ms") == 1  # the calibrated plan, measured beside its own prediction
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("stage ") and " on " in line]
+    assert rows and all(r[-1].endswith("%") for r in rows), text  # every stage ran: an error in %
+    cl = slow_cluster.client(timeout_ms=30_000)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = vit_store[1](x)
+    assert torch.allclose(cl.infer("vit6", x), ref, atol=1e-4)  # whatever plan calibration left, it serves
+    assert cli.main(["deploy", "vit6", "--coordinator", ep, "--calibrate", "0"]) == 0
+    assert "calibration" not in capsys.readouterr().out
+
+
 def test_calibration_scales_each_worker_by_its_stages_measured_over_predicted():
     from edgesplit.runtime.placement import Measurements, WorkerMeasure, calibration
 
