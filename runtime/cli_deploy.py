@@ -287,6 +287,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     from .cli import _build
     from .cli_plan import print_calibrated
     from .client import Client, ClientConfig
+    from .errors import RuntimeFailure
 
     if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
@@ -330,9 +331,14 @@ def run_deploy(args: argparse.Namespace) -> int:
         if placement is not None and args.calibrate:
             print(f"calibrating: {args.calibrate} requests through the plan, then planning again with what "
                   "each worker showed ...", file=sys.stderr, flush=True)
-            _, rows = run_and_compare(cl, args.model, placement, cl.measurements[args.model].hop_ms(),
-                                      args.calibrate)
-            calibrated = calibrate(cl, args.model, cl.measurements[args.model], placement, rows, args.calibrate)
+            try:
+                _, rows = run_and_compare(cl, args.model, placement, cl.measurements[args.model].hop_ms(),
+                                          args.calibrate)
+                calibrated = calibrate(cl, args.model, cl.measurements[args.model], placement, rows,
+                                       args.calibrate)
+            except RuntimeFailure as e:  # the deploy stands: say what failed, as for any request
+                print(f"edgesplit: warning: calibrating failed ({type(e).__name__}: {e}); the plan deployed last "
+                      "serves (`edgesplit status` shows it)", file=sys.stderr)
     print(f"deployed {args.model} plan {route.plan}: "
           + " -> ".join("+".join(h.worker for h in reps) + f" [{reps[0].start}:{reps[0].end})"
                         for reps in route.replicas))

@@ -209,3 +209,24 @@ def test_profile_times_each_block_after_its_predecessor_and_as_a_first_block(vit
     path.write_text(json.dumps([7.0] * manifest.n_blocks))  # an older format, or garbage: timed again
     fresh = profile(manifest, cpu, tmp_path, [1], reps=3)[1]
     assert fresh.block_ms != [7.0] * manifest.n_blocks and len(fresh.first_ms) == manifest.n_blocks
+
+
+def test_a_stage_placed_again_after_a_plan_without_it_starts_a_new_window(slow_cluster):
+    """w2 runs hop 1 as 7 blocks, then no hop 1 (a plan between), then hop 1 as the head alone: its median is the
+    head's, not the 7 blocks' left over from two plans before (compare() and calibration read it)."""
+    import time
+
+    cl = slow_cluster.client(timeout_ms=30_000)
+    x = torch.randn(1, 3, 64, 64)
+
+    def p50_after(stages, n):
+        cl.deploy("vit6", stages=stages)
+        for _ in range(n):
+            cl.infer("vit6", x)
+        time.sleep(1.5)  # a heartbeat carries the statistics
+        return {w.name: w for w in cl.workers()}["w2"].stage_stats().get(("vit6", 1), {}).get("compute_ms_p50", 0)
+
+    long = p50_after([("w0", 0, 1), ("w2", 1, 8)], 12)
+    p50_after([("w2", 0, 8)], 2)
+    short = p50_after([("w0", 0, 7), ("w2", 7, 8)], 3)
+    assert 0 < short < long / 3, (short, long)

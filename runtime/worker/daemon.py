@@ -245,9 +245,9 @@ class Worker:
         for s in stages:
             new[(model, s.info.hop)] = s
         old = [s for k, s in self.stages.items() if k[0] == model]
-        for s in stages:  # recent times describe the stage as deployed: a new plan starts a new window
-            before = self.stages.get((model, s.info.hop))
-            if before is not None and before.info.plan != s.info.plan:
+        for s in stages:  # recent times describe the stage as deployed: a new plan starts a new window (also
+            before = self.stages.get((model, s.info.hop))  # when the plan before it did not place that hop here)
+            if before is None or before.info.plan != s.info.plan:
                 self.stats.forget_recent((model, s.info.hop))
         self.residency.register(stages)
         self.stages = new  # one reference swap: io and compute threads see old or new, never half
