@@ -3,7 +3,7 @@
 A profile is taken with the board otherwise idle. Deployed, a stage shares the board's cores,
 caches and memory with the other stages, the data plane and whatever else runs there; in
 ``benchmarks/placement.py`` (3 workers and a client on a 2-core VM) the stages of the
-throughput plans ran up to 24 % over their profiled time, and a block timed with one other
+throughput plans ran up to 32 % over their profiled time, and a block timed with one other
 process computing took 9-13 % more CPU. :func:`calibrate` runs requests through the deployed
 plan, takes each worker's measured over predicted compute (``placement.calibration``), plans
 again with the profiles so scaled, deploys the new plan if it differs, runs it and sets its
