@@ -331,11 +331,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         if placement is not None and args.calibrate:
             print(f"calibrating: {args.calibrate} requests through the plan, then planning again with what "
                   "each worker showed ...", file=sys.stderr, flush=True)
+            m = cl.measurements[args.model]
             try:
-                _, rows = run_and_compare(cl, args.model, placement, cl.measurements[args.model].hop_ms(),
-                                          args.calibrate)
-                calibrated = calibrate(cl, args.model, cl.measurements[args.model], placement, rows,
-                                       args.calibrate)
+                _, rows = run_and_compare(cl, args.model, placement, m.hop_ms(), args.calibrate)
+                calibrated = calibrate(cl, args.model, m, placement, rows, args.calibrate)
             except RuntimeFailure as e:  # the deploy stands: say what failed, as for any request
                 print(f"edgesplit: warning: calibrating failed ({type(e).__name__}: {e}); the plan deployed last "
                       "serves (`edgesplit status` shows it)", file=sys.stderr)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -149,15 +150,11 @@ def time_blocks(manifest: ModelManifest, device: torch.device, batch: int = 1, r
                 time.sleep(IDLE_S)
                 x = xs[i].clone()  # its input just written, as one just received is; its weights idle
                 cold[i].append(timed(block, x)[1])
-        after += [_median(t) for t in times]
-        first += [_median(t) for t in cold]
+        after += [statistics.median_high(t) for t in times]
+        first += [statistics.median_high(t) for t in cold]
         x_in = xs[-1]  # the next run of blocks starts from this one's output
         del blocks, xs
     return BlockTimes(after, first)
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def profile(manifest: ModelManifest, device: torch.device, store_root: str | Path, batches: list[int],
