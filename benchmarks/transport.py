@@ -443,9 +443,13 @@ def main() -> int:
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight for the pipelined run (1 is also run)")
     p.add_argument("--split", type=int, default=0, help="block where stage 2 starts (default: half the blocks)")
     args = p.parse_args()
-    if args.hwm is None:
-        from edgesplit.runtime import protocol as P
+    from edgesplit.runtime import protocol as P
 
+    bad = [s for s in args.sizes if not 4 <= s <= P.MAX_FRAME_BYTES]
+    if bad:  # a frame over the cap is refused by the receiving socket: the round would only time out
+        p.error(f"--sizes are in KiB, each from 0.004 to {P.MAX_FRAME_BYTES >> 10} (protocol.MAX_FRAME_BYTES); "
+                f"got {', '.join(f'{s / 1024:.10g}' for s in bad)}")
+    if args.hwm is None:
         args.hwm = P.DATA_HWM_MSGS
     OUT.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
