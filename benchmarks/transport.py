@@ -36,14 +36,15 @@ What edgesplit loses beyond "bare" is its protocol code; what "bare" loses is th
 Part 2 (pipeline): a coordinator and 2 worker processes (one torch thread each), a model
 split into 2 stages, ``--requests`` inputs streamed with ``--in-flight`` outstanding.
 Throughput is compared with the bottleneck stage's rate, 1 / (slowest stage's median
-compute time), both as the workers measured it during the run and as measured alone in
-this process before the run.
+compute time per request), both as the workers measured it during the run (a batch's time
+shared by the requests in it) and as measured alone in this process, batch 1, before and after the run.
 
 Writes ``benchmarks/out/transport.json`` (and a plot when matplotlib is installed).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -440,6 +441,16 @@ def _stage_ms_alone(manifest, store, splits: list, reps: int) -> list[float]:
     return out
 
 
+def _per_request_ms(records: list[list[Any]]) -> float:
+    """Median compute ms per request at one stage, from trace records.
+
+    A worker batches what waits together (``runtime/worker/batcher.py``): the requests of one batch share
+    its start and end, so each is charged the batch's time divided by how many shared it.
+    """
+    batch = collections.Counter((r[1], r[3], r[4]) for r in records)  # (worker, t_start, t_end)
+    return statistics.median((r[4] - r[3]) * 1000 / batch[r[1], r[3], r[4]] for r in records)
+
+
 def run_pipeline(args: argparse.Namespace) -> dict:
     import timm
     import torch
@@ -477,8 +488,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                 f.result()
                 futs.append(f)
             wall = time.perf_counter() - t0
-            stage_ms = [statistics.median((f.info.trace[k][4] - f.info.trace[k][3]) * 1000 for f in futs)
-                        for k in range(2)]
+            stage_ms = [_per_request_ms([f.info.trace[k] for f in futs]) for k in range(2)]
             thr = args.requests / wall
             result["runs"].append({"in_flight": in_flight, "throughput_rps": thr, "stage_ms_in_run": stage_ms,
                                    "ratio_in_run": thr * max(stage_ms) / 1000,
