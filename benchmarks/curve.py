@@ -34,7 +34,7 @@ stages on each. ``--runs`` timed runs per cluster of ``--requests`` inputs with
 the machine's load hits both; throughput is the median of the runs, and the ratio the
 median over pairs of keyed/open. The idle cluster only heartbeats meanwhile.
 
-Writes ``benchmarks/out/curve.json``.
+Writes ``benchmarks/out/curve.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 # the transfer method of the transport benchmark (this folder is on sys.path)
-from transport import SIZES, _edgesplit_send, _n_messages, _receive_round, _summary, _TransferPair
+from transport import (SIZES, _edgesplit_send, _n_messages, _per_msg, _per_request_ms, _receive_round, _summary,
+                       _thread_cpu, _TransferPair)
 
 OUT = Path(__file__).resolve().parent / "out"
 KINDS = ("open", "curve")
@@ -148,9 +149,9 @@ def _curve_sender(hwm: int, key_dir: str, receiver: dict[str, Any], ctl: Any, ou
     if sock is None or sock.getsockopt(zmq.MECHANISM) != zmq.CURVE:
         raise RuntimeError(f"the keyed link is not CURVE: {sock and sock.getsockopt(zmq.MECHANISM)}")
     for kind, size, total in iter(ctl.get, None):
-        cpu0 = time.process_time()
+        cpu0, threads0 = time.process_time(), _thread_cpu()
         _edgesplit_send(links[kind], endpoints[kind], torch.ones(size // 4), total)
-        out.put((time.process_time() - cpu0) / total)
+        out.put(((time.process_time() - cpu0) / total, _per_msg(threads0, total)))
     for pl in links.values():
         pl.close_all()
     sec.close()
@@ -243,7 +244,7 @@ def _timed_run(cl: Any, model: str, xs: list, requests: int, in_flight: int) -> 
         f.result()
         futs.append(f)
     wall = time.perf_counter() - t0
-    stage_ms = [statistics.median((f.info.trace[k][4] - f.info.trace[k][3]) * 1000 for f in futs) for k in range(2)]
+    stage_ms = [_per_request_ms([f.info.trace[k] for f in futs]) for k in range(2)]
     return {"throughput_rps": requests / wall, "stage_ms_in_run": stage_ms,
             "latency_ms_p50": statistics.median(f.info.latency_ms for f in futs)}
 
@@ -327,6 +328,7 @@ def main() -> int:
     p.add_argument("--warmup-requests", type=int, default=None, help="untimed requests per cluster (default 20)")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight in the pipeline runs")
     p.add_argument("--split", type=int, default=0, help="block where stage 2 starts (default: half the blocks)")
+    p.add_argument("--out", type=Path, default=OUT / "curve.json", help="JSON file to write")
     args = p.parse_args()
     defaults = {"repeats": 5, "runs": 3, "requests": 200, "warmup_requests": 20}
     for k, v in defaults.items():
@@ -340,7 +342,7 @@ def main() -> int:
     load0 = os.getloadavg()
     print(f"config: {vars(args)}; cpus {os.cpu_count()}; load average at start {load0[0]:.2f} {load0[1]:.2f} "
           f"{load0[2]:.2f}")
-    out: dict = {"config": vars(args), "load_start": load0}
+    out: dict = {"config": {**vars(args), "out": str(args.out)}, "load_start": load0}
     if args.part in ("all", "transfer"):
         out["transfer"] = run_transfer(args)
     if args.part in ("all", "pipeline"):
@@ -349,9 +351,9 @@ def main() -> int:
     out["wall_s"] = time.perf_counter() - t0
     print(f"\nload average at end {out['load_end'][0]:.2f} {out['load_end'][1]:.2f} {out['load_end'][2]:.2f}; "
           f"wall {out['wall_s']:.0f} s")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "curve.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {OUT / 'curve.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -39,7 +39,7 @@ Throughput is compared with the bottleneck stage's rate, 1 / (slowest stage's me
 compute time per request), both as the workers measured it during the run (a batch's time
 shared by the requests in it) and as measured alone in this process, batch 1, before and after the run.
 
-Writes ``benchmarks/out/transport.json`` (and a plot when matplotlib is installed).
+Writes ``benchmarks/out/transport.json`` (``--out``; and a plot beside it when matplotlib is installed).
 """
 from __future__ import annotations
 
@@ -513,7 +513,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     return result
 
 
-def _plot(transfer: list[dict]) -> None:
+def _plot(transfer: list[dict], path: Path) -> None:
     try:
         import matplotlib
 
@@ -532,7 +532,7 @@ def _plot(transfer: list[dict]) -> None:
     ax.set_ylabel("GB/s, tcp loopback")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "transport.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
@@ -554,6 +554,7 @@ def main() -> int:
     p.add_argument("--warmup-requests", type=int, default=20, help="untimed requests before the pipeline runs")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight for the pipelined run (1 is also run)")
     p.add_argument("--split", type=int, default=0, help="block where stage 2 starts (default: half the blocks)")
+    p.add_argument("--out", type=Path, default=OUT / "transport.json", help="JSON file to write (a plot beside it)")
     args = p.parse_args()
     from edgesplit.runtime import protocol as P
 
@@ -566,21 +567,19 @@ def main() -> int:
                 f"got {', '.join(f'{s / 1024:.10g}' for s in bad)}")
     if args.hwm is None:
         args.hwm = P.DATA_HWM_MSGS
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     print(f"config: {vars(args)}; cpus {os.cpu_count()}; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    out: dict = {"config": vars(args), "load_start": load0}
+    out: dict = {"config": {**vars(args), "out": str(args.out)}, "load_start": load0}
     if args.part in ("all", "transfer"):
         out["transfer"] = run_transfer(args)
-        OUT.mkdir(parents=True, exist_ok=True)
-        _plot(out["transfer"])
+        _plot(out["transfer"], args.out.with_suffix(".png"))
     if args.part in ("all", "pipeline"):
         out["pipeline"] = run_pipeline(args)
     out["load_end"] = os.getloadavg()
     print(f"\nload average at end {out['load_end'][0]:.2f} {out['load_end'][1]:.2f} {out['load_end'][2]:.2f}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "transport.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {OUT / 'transport.json'}")
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 
