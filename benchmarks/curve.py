@@ -52,7 +52,7 @@ from typing import Any
 
 # the transfer method of the transport benchmark (this folder is on sys.path)
 from transport import (SIZES, _edgesplit_send, _n_messages, _per_msg, _per_request_ms, _receive_round, _summary,
-                       _thread_cpu, _TransferPair)
+                       _thread_cpu, _TransferPair, worker_credit)
 
 OUT = Path(__file__).resolve().parent / "out"
 KINDS = ("open", "curve")
@@ -95,7 +95,7 @@ def _curve_receiver(hwm: int, key_dir: str, ctl: Any, out: Any) -> None:
     socks = {"open": router(ctx, "tcp://127.0.0.1:*", opts),
              "curve": router(ctx, "tcp://127.0.0.1:*", opts, sec=sec, domain=DATA)}
     out.put({"endpoints": {k: ep for k, (_, ep) in socks.items()}, "key": keys.public.decode()})
-    acks = AckBatch()  # transport.py's receiver: the worker's custody ACKs, batched within ACK_DELAY_S
+    acks = AckBatch.for_credit(worker_credit())  # transport.py's receiver: the worker's custody ACKs
 
     def handlers(kind: str) -> tuple[Any, Any, Any, Any]:
         """(socket, receive, take, flush) of one kind: transport.py's edgesplit receiver, keyed or not."""

@@ -12,9 +12,11 @@ receiver process over tcp loopback, (a) through edgesplit's link as a worker sen
 ``protocol.encode`` of a RUN through ``PeerLinks`` (the worker's DEALER options, so a tensor frame
 under ``protocol.ZERO_COPY_MIN_BYTES`` is copied and a larger one goes zero-copy, and its
 non-blocking outbox), the receiver's ``transport.recv`` and
-validating ``decode`` to a tensor, custody ACKs batched as a worker batches them (``acks.AckBatch``:
-one ACK message per sender for everything taken on within ``ACK_DELAY_S``), and the sender keeping
-every message (at most 64) until an ACK names it -- and (b) through raw pyzmq PUSH/PULL with
+validating ``decode`` to a tensor, custody ACKs batched as a worker batches them (``AckBatch.for_credit``:
+one ACK message per sender for everything taken on within ``ACK_DELAY_S``, at once when it is owed
+half its credit), and the sender keeping every message until an ACK names it, with at most the
+worker's credit (``queue_depth``, 8) awaiting ACK, as a worker sends to one next-stage replica
+(the receiver takes each RUN on at once: no compute) -- and (b) through raw pyzmq PUSH/PULL with
 pyzmq's defaults, one frame per message sent with ``copy=False`` (zero-copy from pyzmq's 64 KiB
 ``COPY_THRESHOLD`` on) and received zero-copy (``recv(copy=False)``, the cheapest receive pyzmq
 has), from the same kind of memory (a torch tensor's: numpy would back a large array with huge
@@ -163,7 +165,7 @@ def _transfer_receiver(hwm: int, ctl: Any, out: Any) -> None:
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     rtr, endpoint = router(ctx, "tcp://127.0.0.1:*", SocketOptions(hwm_msgs=hwm))
     out.put({"raw": f"tcp://127.0.0.1:{port}", "edgesplit": endpoint})
-    acks = AckBatch()  # the worker's: custody ACKs leave together, within ACK_DELAY_S
+    acks = AckBatch.for_credit(worker_credit())  # the worker's: within ACK_DELAY_S, or at half a sender's credit
     acks_sent = [0]
 
     def receive_raw() -> Any:
@@ -242,9 +244,16 @@ def _transfer_sender(hwm: int, endpoints: dict[str, str], ctl: Any, out: Any) ->
     ctx.term()
 
 
-def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, kind: str = "edgesplit",
-                    max_kept: int = 64) -> None:
-    """Send ``total`` RUNs of ``x`` as a worker sends a hop: each kept until an ACK names it, at most ``max_kept``.
+def worker_credit() -> int:
+    """RUNs a worker lets await one next-stage replica's ACK (``queue_depth``: room in that replica's input queue)."""
+    from edgesplit.runtime.worker.daemon import WorkerConfig
+
+    return WorkerConfig().queue_depth
+
+
+def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, kind: str = "edgesplit") -> None:
+    """Send ``total`` RUNs of ``x`` as a worker sends a hop: each kept until an ACK names it, at most
+    ``worker_credit()`` awaiting their ACK at a time (the worker's credit per next-stage replica).
 
     The link's replies are taken as the worker takes them (``PeerLinks.serve``: drained when the
     poll says so). The floors (``FLOORS``) send over the same link, but with the header packed once
@@ -273,7 +282,7 @@ def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, kind: str = "
         def acked(frames: list) -> list:
             h = msgpack.unpackb(frames[0].bytes[len(P.VERSION):])
             return [(h["rid"], h["hop"]), *map(tuple, h.get("acks", ()))]
-    custody = kind != "bare-noack"
+    custody, credit = kind != "bare-noack", worker_credit()
     link = links.link(endpoint)
     kept: dict[tuple[bytes, int], list] = {}
     sent = done = 0
@@ -286,7 +295,7 @@ def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, kind: str = "
                 done += 1
 
     while left and time.monotonic() - last_progress < 60:  # a lost ACK ends the run with an error
-        while sent < total and len(kept) < max_kept and not links.pending(endpoint):
+        while sent < total and len(kept) < credit and not links.pending(endpoint):
             rid = P.new_rid()
             frames = frames_of(rid)
             links.send(endpoint, frames)
@@ -386,8 +395,9 @@ def run_transfer(args: argparse.Namespace) -> list[dict]:
           f"per size (~{ROUND_BYTES >> 20} MiB each, after {args.warmup} messages that fill the pipe), kinds in turn; "
           f"medians.\n"
           f"edgesplit: RUN encode + frame (copied under {P.ZERO_COPY_MIN_BYTES >> 10} KiB), validating decode to a "
-          f"tensor, custody ACKs batched as a worker does (one message per sender within {ACK_DELAY_S * 1e3:g} ms), "
-          f"sender keeps <= 64 until ACKed.\n"
+          f"tensor, custody ACKs batched as a worker does (one message per sender within {ACK_DELAY_S * 1e3:g} ms, "
+          f"at once when owed half its credit), sender keeps each until ACKed, <= {worker_credit()} awaiting ACK (the "
+          f"worker's credit per replica).\n"
           f"ratio = median over neighbouring rounds of kind/raw throughput; CPU = sender+receiver process CPU (all "
           f"threads) per message; py / io = of that, Python's threads / libzmq's io threads")
     print(f"{'size':>8}  {'kind':>10}  {'GB/s':>6} {'us/msg':>7} {'CPU us':>9} {'py / io':>9} {'msgs/ACK':>8}  "

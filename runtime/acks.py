@@ -8,6 +8,11 @@ per message on loopback one ACK per RUN cost about 40 us a message (of about 300
 Waiting ``ACK_DELAY_S`` for company turns that into one ACK per few RUNs at full rate, and
 changes nothing at low rates but the 1 ms (the sender's credit comes back 1 ms later; its
 link meter is not fooled, since each pair says how long it was held here).
+
+The wait must not starve a sender of credit: a worker sends to a next-stage replica only while
+fewer than its ``queue_depth`` RUNs await that replica's ACK. With 8 of credit and ACKs held 1 ms,
+a 64 KiB stream stalled at 8 RUNs per millisecond (0.14-0.16 of raw pyzmq). So a sender owed half
+its credit is acknowledged at once (:meth:`AckBatch.for_credit`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,19 @@ ACK_DELAY_S = 0.001  # the oldest owed pair waits at most this long for others t
 class AckBatch:
     """Pairs (rid, hop) owed to each sender, with when each was taken on, until they are due."""
 
-    def __init__(self, delay_s: float = ACK_DELAY_S) -> None:
+    def __init__(self, delay_s: float = ACK_DELAY_S, due_pairs: int = P.MAX_ACKS) -> None:
+        """``due_pairs``: pairs owed to one sender that make the ACKs due at once (else ``delay_s`` after the oldest)."""
         self.delay_s = delay_s
+        self.due_pairs = max(1, due_pairs)
         self.owed: dict[tuple[bytes, ...], list[tuple[bytes, int, float]]] = {}
         self.count = 0
         self.since = 0.0  # monotonic time the oldest owed pair was added
+        self.due = False  # some sender is owed due_pairs
+
+    @classmethod
+    def for_credit(cls, credit: int) -> AckBatch:
+        """A worker's: each sender may have ``credit`` RUNs awaiting ACK here; owed half of them, it hears at once."""
+        return cls(due_pairs=max(1, credit // 2))
 
     def __len__(self) -> int:
         return self.count
@@ -35,14 +48,17 @@ class AckBatch:
         """Owe (rid, hop) to the sender at ``route``; ``t_recv``: wall-clock time of receipt (for ``held``)."""
         if not self.count:
             self.since = time.monotonic()
-        self.owed.setdefault(route, []).append((rid, hop, t_recv))
+        owed = self.owed.setdefault(route, [])
+        owed.append((rid, hop, t_recv))
         self.count += 1
+        if len(owed) >= self.due_pairs:
+            self.due = True
 
     def wait_s(self, now: float) -> float | None:
         """Seconds until the owed ACKs are due (0: now); None when nothing is owed."""
         if not self.count:
             return None
-        if self.count >= P.MAX_ACKS:
+        if self.due or self.count >= P.MAX_ACKS:
             return 0.0
         return max(0.0, self.since + self.delay_s - now)
 
@@ -59,4 +75,5 @@ class AckBatch:
                 out.append((list(route), frames))
         self.owed.clear()
         self.count = 0
+        self.due = False
         return out

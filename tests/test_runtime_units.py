@@ -228,6 +228,25 @@ def test_rate_meter_times_back_to_back_transfers_from_the_previous_ack():
 
 # --- outboxes and back-pressure ------------------------------------------------------------
 @pytest.mark.timeout(10)
+def test_ack_batch_for_credit_acknowledges_a_sender_owed_half_its_credit_at_once():
+    """A worker lets ``queue_depth`` RUNs await one replica's ACK: held 1 ms, 8 of credit stalled a fast link."""
+    acks = AckBatch.for_credit(8)
+    t_wall, now = time.time(), time.monotonic()
+    for _ in range(3):
+        acks.add((b"a",), P.new_rid(), 1, t_wall)
+        acks.add((b"b",), P.new_rid(), 1, t_wall)  # 3 each: not yet due, whatever the total
+    assert acks.wait_s(now) > 0 and acks.take(now) == []
+    acks.add((b"a",), P.new_rid(), 1, t_wall)  # a is owed 4, half its credit
+    assert acks.wait_s(now) == 0.0
+    out = {tuple(route): P.decode(frames).acked() for route, frames in acks.take(now)}
+    assert len(out[(b"a",)]) == 4 and len(out[(b"b",)]) == 3  # due ACKs take every sender's along
+    assert len(acks) == 0 and acks.wait_s(now) is None
+    acks.add((b"a",), P.new_rid(), 1, t_wall)
+    assert acks.wait_s(now) > 0  # a fresh batch waits again
+    assert AckBatch.for_credit(1).due_pairs == 1 and AckBatch.for_credit(0).due_pairs == 1
+
+
+@pytest.mark.timeout(10)
 def test_ack_batch_waits_for_company_then_acknowledges_every_pair_once():
     acks = AckBatch(delay_s=0.05)
     assert acks.wait_s(time.monotonic()) is None and acks.take(time.monotonic(), force=True) == []

@@ -87,8 +87,8 @@ class DataPlane:
         self.lost_peers: dict[str, str] = {}  # endpoint -> name, announced lost (cleared when announced alive)
         self.held: collections.deque[Done] = collections.deque()  # outputs waiting for room downstream
         # custody taken, ACKs not yet sent: per sender, with each pair's receipt time (the ACK says how long it was
-        # held); they leave together, within ACK_DELAY_S
-        self.acks = AckBatch()
+        # held); they leave together, within ACK_DELAY_S, or at once for a sender owed half its credit (_pick's room)
+        self.acks = AckBatch.for_credit(w.cfg.queue_depth)
         self.counters: collections.Counter[str] = collections.Counter()
         # per (model, outcome): how requests ended here (result, forwarded, deadline_dropped, timeout, overloaded,
         # or the error reported: bad_input, worker_lost, ...) and payload bytes/messages sent per next-stage endpoint;
