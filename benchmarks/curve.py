@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 # the transfer method of the transport benchmark (this folder is on sys.path)
-from transport import (SIZES, _edgesplit_send, _n_messages, _per_msg, _per_request_ms, _receive_round, _summary,
-                       _thread_cpu, _TransferPair, worker_credit)
+from transport import (ROUND_BYTES, SIZES, _edgesplit_send, _n_messages, _per_msg, _per_request_ms, _receive_round,
+                       _summary, _thread_cpu, _TransferPair, worker_credit)
 
 OUT = Path(__file__).resolve().parent / "out"
 KINDS = ("open", "curve")
@@ -199,7 +199,8 @@ def run_transfer(args: argparse.Namespace) -> list[dict]:
     from edgesplit.runtime.security.roles import CONNECT, DATA
 
     print(f"\n[transfer] tcp loopback, edgesplit's link (transport.py's edgesplit kind) open and CURVE, HWM {args.hwm} "
-          f"msgs, {args.repeats} pairs of timed rounds (~64 MiB each, after {args.warmup} messages), kinds alternating;"
+          f"msgs, {args.repeats} pairs of timed rounds (~{ROUND_BYTES >> 20} MiB each, after {args.warmup} messages), "
+          f"kinds alternating;"
           f" medians.\nCURVE: receiver a CURVE server of domain {DATA!r} (ZAP allows {sorted(CONNECT[DATA])}), sender "
           f"a CURVE client; the receiver checks each message's authenticated key (peer_of).\n"
           f"ratio = median over pairs of CURVE/open throughput; CPU = sender+receiver process CPU (all threads) per "

@@ -121,10 +121,13 @@ def test_registry_telemetry_and_no_leaked_kept_entries(cluster, client):
     for f in [client.submit("dummy3", torch.zeros(1, 4)) for _ in range(20)]:
         f.result(timeout=30)
     deadline = time.monotonic() + 10
-    while True:  # heartbeats carry the state: wait for one after the traffic
+    while True:  # heartbeats carry the state: wait for one after the traffic, and one after the last ACKs came back
         ws = {w.name: w for w in client.workers()}
         counts = {n: ws[n].stage_stats().get(("dummy3", h), {}).get("n", 0) for h, n in enumerate(["w0", "w1", "w2"])}
-        if all(c >= 20 for c in counts.values()) or time.monotonic() > deadline:
+        # a worker's heartbeat can leave after its last output and before the next stage's ACK for it: a leak is
+        # kept entries that stay, so wait (bounded) for a heartbeat that says none is kept
+        settled = all(ws[n].telemetry.get("kept", -1) == 0 for n in counts)
+        if (all(c >= 20 for c in counts.values()) and settled) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert {"w0", "w1", "w2", "w3"} <= set(ws)
