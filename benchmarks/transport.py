@@ -306,8 +306,9 @@ def _edgesplit_send(links: Any, endpoint: str, x: Any, total: int, kind: str = "
                 done += 1
         flags = zmq.POLLIN | (zmq.POLLOUT if links.pending(endpoint) else 0)
         links.serve({link: link.poll(5, flags)}, on_reply)
-        if total - done + links.pending(endpoint) < left:
-            left, last_progress = total - done + links.pending(endpoint), time.monotonic()
+        now_left = total - done + links.pending(endpoint)
+        if now_left < left:
+            left, last_progress = now_left, time.monotonic()
     if left:
         raise RuntimeError(f"nothing for 60 s: of {total} messages {total - sent} not sent, {links.pending(endpoint)} "
                            f"waiting for the peer to take them" + (f", {len(kept)} sent but never acknowledged"

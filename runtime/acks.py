@@ -39,7 +39,7 @@ class AckBatch:
     @classmethod
     def for_credit(cls, credit: int) -> AckBatch:
         """A worker's: each sender may have ``credit`` RUNs awaiting ACK here; owed half of them, it hears at once."""
-        return cls(due_pairs=max(1, credit // 2))
+        return cls(due_pairs=credit // 2)  # __init__ makes it at least 1
 
     def __len__(self) -> int:
         return self.count
