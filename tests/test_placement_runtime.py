@@ -174,17 +174,26 @@ def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
 
     cl = slow_cluster.client(timeout_ms=30_000)
     cl.deploy("vit6", stages=[("w0", 0, 2), ("w2", 2, 8)])
+
+    def runs_of_w2() -> float:
+        return {w.name: w for w in cl.workers()}["w2"].stage_stats().get(("vit6", 1), {}).get("n", 0)
+
+    # an earlier test's plan may have put a shorter stage 1 on w2: wait (two heartbeats) until the coordinator's
+    # record shows all of its runs, then for a heartbeat that counts this test's, so neither figure is stale
+    time.sleep(2 * slow_cluster.cfg.heartbeat_ms / 1000)
+    before = runs_of_w2()
     x = torch.randn(8, 3, 64, 64)  # 8 samples: 104 kB per message, and a stage long against its transfer
     for _ in range(12):
         cl.infer("vit6", x)
-    deadline = time.monotonic() + 5
-    while True:
-        workers = {w.name: w for w in cl.workers()}
-        rate = workers["w0"].telemetry.get(f"link_rate_bps {workers['w2'].endpoint}")
-        stage_ms = workers["w2"].stage_stats().get(("vit6", 1), {}).get("compute_ms_p50", 0)
-        if (rate and stage_ms) or time.monotonic() > deadline:
-            break
+    deadline = time.monotonic() + 10
+    while runs_of_w2() < before + 12 and time.monotonic() < deadline:
         time.sleep(0.2)
+    time.sleep(slow_cluster.cfg.heartbeat_ms / 1000)  # and w0's heartbeat after its last ACK
+    workers = {w.name: w for w in cl.workers()}
+    rate = workers["w0"].telemetry.get(f"link_rate_bps {workers['w2'].endpoint}")
+    stats = workers["w2"].stage_stats().get(("vit6", 1), {})
+    stage_ms = stats.get("compute_ms_p50", 0)
+    assert rate and stage_ms and stats["n"] >= before + 12, (rate, before, stats)
     act_bytes = 8 * 17 * 192 * 4  # 8 x (16 patches + class token) x 192 wide, float32
     to_compute = act_bytes / (stage_ms / 1000)  # what timing to the ACK (after w2's compute) would report
     print(f"\nw0 -> w2 measured {rate / 1e6:.1f} MB/s; bytes / w2's stage time {to_compute / 1e6:.2f} MB/s")
