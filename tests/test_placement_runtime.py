@@ -49,6 +49,34 @@ def measured(slow_cluster):
     return cl.measure("vit6", reps=7, probe_s=0.3)
 
 
+def _after_runs(cluster, cl, stages, x, n: int) -> dict:
+    """Deploy vit6 as ``stages``, run ``x`` through it ``n`` times; the workers' records once heartbeats count them.
+
+    The coordinator's record is a worker's last heartbeat: read at once, it can still describe the plan before
+    (an earlier test's shorter stage 1 on w2 read as this one's). So wait for a heartbeat whose run count of the
+    last stage includes these ``n``, then one more interval for the other workers' heartbeats.
+    """
+    import time
+
+    hb_s = cluster.cfg.heartbeat_ms / 1000
+    cl.deploy("vit6", stages=stages)
+    last = (stages[-1][0], len(stages) - 1)
+
+    def runs() -> int:
+        return {w.name: w for w in cl.workers()}[last[0]].stage_stats().get(("vit6", last[1]), {}).get("n", 0)
+
+    time.sleep(2 * hb_s)  # every run before this deploy is in a heartbeat by now
+    before = runs()
+    for _ in range(n):
+        cl.infer("vit6", x)
+    deadline = time.monotonic() + 10 * hb_s
+    while runs() < before + n:
+        assert time.monotonic() < deadline, f"no heartbeat from {last[0]} counted {n} runs in {10 * hb_s:.0f} s"
+        time.sleep(hb_s / 5)
+    time.sleep(hb_s)
+    return {w.name: w for w in cl.workers()}
+
+
 def test_workers_profile_their_own_device_and_probe_links(slow_cluster, measured):
     m = measured
     assert sorted(m.workers) == ["w0", "w1", "w2"] and not m.errors, m.errors
@@ -170,30 +198,12 @@ def test_measure_refuses_unknown_workers_and_bad_orders(slow_cluster):
 
 def test_serving_link_meter_times_receipt_not_the_next_stage(slow_cluster):
     """w0 -> w2 (slowed: its stage takes tens of ms): the meter must see loopback speed, not bytes / w2's compute."""
-    import time
-
     cl = slow_cluster.client(timeout_ms=30_000)
-    cl.deploy("vit6", stages=[("w0", 0, 2), ("w2", 2, 8)])
-
-    def runs_of_w2() -> float:
-        return {w.name: w for w in cl.workers()}["w2"].stage_stats().get(("vit6", 1), {}).get("n", 0)
-
-    # an earlier test's plan may have put a shorter stage 1 on w2: wait (two heartbeats) until the coordinator's
-    # record shows all of its runs, then for a heartbeat that counts this test's, so neither figure is stale
-    time.sleep(2 * slow_cluster.cfg.heartbeat_ms / 1000)
-    before = runs_of_w2()
     x = torch.randn(8, 3, 64, 64)  # 8 samples: 104 kB per message, and a stage long against its transfer
-    for _ in range(12):
-        cl.infer("vit6", x)
-    deadline = time.monotonic() + 10
-    while runs_of_w2() < before + 12 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(slow_cluster.cfg.heartbeat_ms / 1000)  # and w0's heartbeat after its last ACK
-    workers = {w.name: w for w in cl.workers()}
+    workers = _after_runs(slow_cluster, cl, [("w0", 0, 2), ("w2", 2, 8)], x, 12)
     rate = workers["w0"].telemetry.get(f"link_rate_bps {workers['w2'].endpoint}")
-    stats = workers["w2"].stage_stats().get(("vit6", 1), {})
-    stage_ms = stats.get("compute_ms_p50", 0)
-    assert rate and stage_ms and stats["n"] >= before + 12, (rate, before, stats)
+    stage_ms = workers["w2"].stage_stats()[("vit6", 1)]["compute_ms_p50"]
+    assert rate and stage_ms
     act_bytes = 8 * 17 * 192 * 4  # 8 x (16 patches + class token) x 192 wide, float32
     to_compute = act_bytes / (stage_ms / 1000)  # what timing to the ACK (after w2's compute) would report
     print(f"\nw0 -> w2 measured {rate / 1e6:.1f} MB/s; bytes / w2's stage time {to_compute / 1e6:.2f} MB/s")
@@ -223,17 +233,12 @@ def test_profile_times_each_block_after_its_predecessor_and_as_a_first_block(vit
 def test_a_stage_placed_again_after_a_plan_without_it_starts_a_new_window(slow_cluster):
     """w2 runs hop 1 as 7 blocks, then no hop 1 (a plan between), then hop 1 as the head alone: its median is the
     head's, not the 7 blocks' left over from two plans before (compare() and calibration read it)."""
-    import time
-
     cl = slow_cluster.client(timeout_ms=30_000)
     x = torch.randn(1, 3, 64, 64)
 
     def p50_after(stages, n):
-        cl.deploy("vit6", stages=stages)
-        for _ in range(n):
-            cl.infer("vit6", x)
-        time.sleep(1.5)  # a heartbeat carries the statistics
-        return {w.name: w for w in cl.workers()}["w2"].stage_stats().get(("vit6", 1), {}).get("compute_ms_p50", 0)
+        workers = _after_runs(slow_cluster, cl, stages, x, n)
+        return workers["w2"].stage_stats().get(("vit6", 1), {}).get("compute_ms_p50", 0)
 
     long = p50_after([("w0", 0, 1), ("w2", 1, 8)], 12)
     p50_after([("w2", 0, 8)], 2)
