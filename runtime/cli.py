@@ -452,8 +452,19 @@ def _die_with_parent() -> None:
         sys.exit(1)
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to stderr (a daemon's log) and the process goes on:
+    what a hung daemon or a Ctrl-C that does not stop is doing, without a debugger on the board."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgesplit`` console script."""
+    if argv is None:  # a process of its own (not a call from a script or a test): ``kill -USR1`` dumps its stacks
+        _dump_stacks_on_sigusr1()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = commands()
     parser = build_parser(_command_in(argv, cmds))

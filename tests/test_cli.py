@@ -97,8 +97,20 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind():
         assert any("Ctrl-C" in l for l in lines), "".join(lines)
         children = _descendants(proc.pid)
         assert len(children) >= 2 and all(c.is_running() for c in children)  # coordinator + 1 worker
+        proc.send_signal(signal.SIGUSR1)  # prints every thread's stack, and it runs on
+        time.sleep(1)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            out, _ = proc.communicate(timeout=30)  # read on: a full pipe must not be what holds it
+        except subprocess.TimeoutExpired:  # say where it hangs: SIGUSR1 dumps every thread's stack
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            pytest.fail("edgesplit up did not stop within 30 s of Ctrl-C; its output and stacks:\n"
+                        + proc.communicate()[0][-6000:])
+        assert proc.returncode == 0 and "stopping the cluster" in out, out
+        assert "most recent call first" in out and "_run_up" in out, out  # the SIGUSR1 dump, main thread's too
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"left behind: {alive}"
     finally:
