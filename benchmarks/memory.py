@@ -130,7 +130,7 @@ def up_rss(settle_s: float, model: str | None = "none") -> tuple[float, float]:
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if "Ctrl-C stops everything" in line:
+            if "stops everything" in line:
                 break
         else:
             raise RuntimeError("edgesplit up did not start:\n" + "".join(lines))
@@ -139,7 +139,7 @@ def up_rss(settle_s: float, model: str | None = "none") -> tuple[float, float]:
             raise RuntimeError(f"expected 2 worker processes under edgesplit up, found {workers}")
         return max((rss_mib(pid, settle_s) for pid in workers), key=lambda r: r[0])
     finally:
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGTERM)  # what up always takes (SIGINT is ignored when this runs in the background)
         try:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:

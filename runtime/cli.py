@@ -262,7 +262,10 @@ def _run_up(args: argparse.Namespace) -> int:
                 print("      python -c \"import numpy as np; np.save('x.npy', np.random.randn(3, 224, 224)"
                       ".astype('float32'))\"")
                 print(f"      edgesplit infer --coordinator {lc.endpoint} --model {args.model} --input x.npy")
-            print("Ctrl-C stops everything.", flush=True)
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a background job (``up &``): no Ctrl-C comes
+                print(f"kill {os.getpid()} (SIGTERM) stops everything.", flush=True)
+            else:
+                print("Ctrl-C stops everything.", flush=True)
             while True:
                 dead = [n for n, a in lc.alive().items() if not a]
                 if dead:

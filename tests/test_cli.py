@@ -84,7 +84,12 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.timeout(90)
 def test_up_runs_until_ctrl_c_and_leaves_nothing_behind():
-    proc = subprocess.Popen([*EDGESPLIT, "up", "--workers", "1", "--model", "none", "--port", "0",
+    # Ctrl-C reaches a foreground job whose SIGINT is at its default. A test run started in the background (``cmd &``
+    # in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: set it back first, as a
+    # terminal's foreground job has it (the command line and ``main()`` are otherwise the console script's).
+    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from edgesplit.runtime.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", start, "up", "--workers", "1", "--model", "none", "--port", "0",
                              "--torch-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -111,6 +116,31 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind():
                         + proc.communicate()[0][-6000:])
         assert proc.returncode == 0 and "stopping the cluster" in out, out
         assert "most recent call first" in out and "_run_up" in out, out  # the SIGUSR1 dump, main thread's too
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_up_started_in_the_background_says_how_to_stop_it_and_sigterm_does():
+    """A background job's SIGINT is ignored, so up does not promise Ctrl-C; SIGTERM stops it as cleanly."""
+    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "from edgesplit.runtime.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", start, "up", "--workers", "1", "--model", "none", "--port", "0",
+                             "--torch-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or "stops everything" not in lines[-1] and lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert lines[-1].strip() == f"kill {proc.pid} (SIGTERM) stops everything.", "".join(lines)
+        children = _descendants(proc.pid)
+        assert len(children) >= 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "stopping the cluster" in out, out
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"left behind: {alive}"
     finally:
