@@ -1,6 +1,7 @@
 """The ``edgesplit`` command: help, config checks, infer, ``up`` stopped by Ctrl-C, and the demo."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,71 +83,66 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-@pytest.mark.timeout(90)
-def test_up_runs_until_ctrl_c_and_leaves_nothing_behind():
-    # Ctrl-C reaches a foreground job whose SIGINT is at its default. A test run started in the background (``cmd &``
-    # in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: set it back first, as a
-    # terminal's foreground job has it (the command line and ``main()`` are otherwise the console script's).
-    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+@contextlib.contextmanager
+def _up(sigint: str):
+    """``edgesplit up --workers 1 --model none`` with SIGINT as ``signal.<sigint>``; yields (process, its ready line).
+
+    Through ``python -c`` so SIGINT is set first (the command line and ``main()`` are the console script's): a
+    terminal's foreground job has it at its default, a background job (``cmd &`` in a script) inherits it ignored,
+    and a test run started in the background would pass that on.
+    """
+    start = (f"import signal, sys; signal.signal(signal.SIGINT, signal.{sigint}); "
              "from edgesplit.runtime.cli import main; sys.exit(main())")
     proc = subprocess.Popen([sys.executable, "-c", start, "up", "--workers", "1", "--model", "none", "--port", "0",
                              "--torch-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C stops everything" in line or not line:
-                break
-        assert any("Ctrl-C" in l for l in lines), "".join(lines)
-        children = _descendants(proc.pid)
-        assert len(children) >= 2 and all(c.is_running() for c in children)  # coordinator + 1 worker
-        proc.send_signal(signal.SIGUSR1)  # prints every thread's stack, and it runs on
-        time.sleep(1)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=30)  # read on: a full pipe must not be what holds it
-        except subprocess.TimeoutExpired:  # say where it hangs: SIGUSR1 dumps every thread's stack
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(2)
-            proc.kill()
-            pytest.fail("edgesplit up did not stop within 30 s of Ctrl-C; its output and stacks:\n"
-                        + proc.communicate()[0][-6000:])
-        assert proc.returncode == 0 and "stopping the cluster" in out, out
-        assert "most recent call first" in out and "_run_up" in out, out  # the SIGUSR1 dump, main thread's too
-        gone, alive = psutil.wait_procs(children, timeout=10)
-        assert not alive, f"left behind: {alive}"
+        lines = [proc.stdout.readline()]
+        while lines[-1] and "stops everything" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert lines[-1], "edgesplit up ended before it was ready:\n" + "".join(lines)
+        yield proc, lines[-1].strip()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> str:
+    """Send ``sig``; up's output once it exited 0 and left no process behind."""
+    children = _descendants(proc.pid)
+    assert len(children) >= 2 and all(c.is_running() for c in children)  # coordinator + 1 worker
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=30)  # read on: a full pipe must not be what holds it
+    except subprocess.TimeoutExpired:  # say where it hangs: SIGUSR1 dumps every thread's stack
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        pytest.fail(f"edgesplit up did not stop within 30 s of {signal.Signals(sig).name}; its output and stacks:\n"
+                    + proc.communicate()[0][-6000:])
+    assert proc.returncode == 0 and "stopping the cluster" in out, out
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_up_runs_until_ctrl_c_and_leaves_nothing_behind():
+    with _up("default_int_handler") as (proc, ready):
+        assert ready == "Ctrl-C stops everything."
+        proc.send_signal(signal.SIGUSR1)  # prints every thread's stack, and it runs on
+        time.sleep(1)
+        assert proc.poll() is None
+        out = _stop(proc, signal.SIGINT)
+        assert "most recent call first" in out and "_run_up" in out, out  # the SIGUSR1 dump, main thread's too
 
 
 @pytest.mark.timeout(90)
 def test_up_started_in_the_background_says_how_to_stop_it_and_sigterm_does():
     """A background job's SIGINT is ignored, so up does not promise Ctrl-C; SIGTERM stops it as cleanly."""
-    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-             "from edgesplit.runtime.cli import main; sys.exit(main())")
-    proc = subprocess.Popen([sys.executable, "-c", start, "up", "--workers", "1", "--model", "none", "--port", "0",
-                             "--torch-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        while not lines or "stops everything" not in lines[-1] and lines[-1]:
-            lines.append(proc.stdout.readline())
-        assert lines[-1].strip() == f"kill {proc.pid} (SIGTERM) stops everything.", "".join(lines)
-        children = _descendants(proc.pid)
-        assert len(children) >= 2
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "stopping the cluster" in out, out
-        gone, alive = psutil.wait_procs(children, timeout=10)
-        assert not alive, f"left behind: {alive}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with _up("SIG_IGN") as (proc, ready):
+        assert ready == f"kill {proc.pid} (SIGTERM) stops everything."
+        _stop(proc, signal.SIGTERM)
 
 
 @pytest.mark.timeout(120)
