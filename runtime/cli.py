@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgesplit`` console script."""
     if argv is None:  # a process of its own (not a call from a script or a test): ``kill -USR1`` dumps its stacks
         _dump_stacks_on_sigusr1()
-    argv = list(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:]
+    argv = list(argv)
     cmds = commands()
     parser = build_parser(_command_in(argv, cmds))
     args = parser.parse_args(argv)
